@@ -1,0 +1,145 @@
+"""What every VLM family shares: the active-concept state the hooks read, batching, and decoding.
+
+A backend is a small adapter around one HF model class. It registers forward hooks at the place where the concept
+token enters (the VLM weights are never modified) and says how that family's prompts look. Hooks only change anything
+while concepts are active, so with nothing detected the model runs its untouched code path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from myvlm.errors import MyVLMError
+
+CAPTION, VQA = "caption", "vqa"
+TASKS = (CAPTION, VQA)
+
+
+@dataclass
+class Batch:
+    """Model inputs plus what the hooks and decoding need to know about them."""
+
+    inputs: dict[str, torch.Tensor]
+    prompt_lengths: list[int]
+    # Per sample, the sequence positions of the concept tokens (LLaVA; empty for BLIP-2).
+    concept_positions: list[list[int]] = field(default_factory=list)
+
+
+@dataclass
+class Injection:
+    """Concept vectors to insert for the current batch: one [k_i, width] tensor per sample (k_i may be 0)."""
+
+    vectors: list[torch.Tensor]
+    record_attention: bool = False
+    # The batch being run, for hooks that need token positions or the padding mask.
+    batch: Batch | None = None
+    # Filled by the hooks while record_attention is on: one regularizer term per attention layer.
+    attention_terms: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def any(self) -> bool:
+        return any(len(v) for v in self.vectors)
+
+
+class Backend:
+    """Base class: subclasses declare where the concept enters and how prompts look (one file per VLM family)."""
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    model_class: ClassVar[type]
+    processor_class: ClassVar[type]
+    # λ of the attention regularizer, per task.
+    reg_lambda: ClassVar[dict[str, float]]
+    # Decoder-only LMs return prompt + answer from generate(); encoder-decoders return the answer only.
+    generation_includes_prompt: bool = True
+
+    def __init__(self, model: torch.nn.Module, processor) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.injection: Injection | None = None
+        self._handles: list = []
+        self._register_hooks()
+
+    # --- family specifics -------------------------------------------------------------------------------------
+    @property
+    def concept_width(self) -> int:
+        raise NotImplementedError
+
+    def _register_hooks(self) -> None:
+        raise NotImplementedError
+
+    def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
+        raise NotImplementedError
+
+    def encode(
+        self,
+        images: Sequence[Image.Image],
+        prompts: Sequence[str],
+        n_concepts: Sequence[int],
+        targets: Sequence[str] | None = None,
+    ) -> Batch:
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------------------------------
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+
+    def answer_ids(self, prompt: str, answer: str) -> list[int]:
+        """Token ids of the answer + EOS: tokenize prompt and answer together (natural spacing), keep the tail."""
+        prompt_ids = self.tokenizer(prompt).input_ids
+        full_ids = self.tokenizer(f"{prompt} {answer}" if prompt else answer).input_ids
+        if full_ids[: len(prompt_ids)] != prompt_ids:
+            raise MyVLMError("the tokenizer merges the prompt with the answer; end prompts with a space or colon")
+        return full_ids[len(prompt_ids) :] + [self.tokenizer.eos_token_id]
+
+    def pad(self, rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        padded = [([value] * (width - len(r)) + r) if left else (r + [value] * (width - len(r))) for r in rows]
+        return torch.tensor(padded, dtype=torch.long)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int = 40) -> list[str]:
+        inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        if self.generation_includes_prompt:
+            output = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of the targets; hooks record attention terms on the way when asked to."""
+        inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return self.model(**inputs, use_cache=False).loss
+
+    def regularizer(self, task: str, reg_lambda: float | None = None) -> torch.Tensor:
+        """λ · Σ_layers mean(p²) of the concept token's attention, from terms the hooks recorded this pass."""
+        if self.injection is None or not self.injection.attention_terms:
+            raise RuntimeError("no attention was recorded: run a forward pass with record_attention=True")
+        lam = self.reg_lambda[task] if reg_lambda is None else reg_lambda
+        return lam * torch.stack(self.injection.attention_terms).sum()
+
+
+def normalized(vectors: torch.Tensor) -> torch.Tensor:
+    """Concept vectors are always L2-normalized before use (the official implementation does the same)."""
+    return F.normalize(vectors.float(), dim=-1)

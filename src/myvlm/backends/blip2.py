@@ -1,0 +1,137 @@
+"""BLIP-2 (OPT or Flan-T5): the concept token is an extra output token of the vision encoder.
+
+The Q-Former's 32 queries then cross-attend to 257+k tokens. As in the official implementation, the concept vector
+is L2-normalized, and in every cross-attention layer the key/value of each concept token are rescaled to the mean
+norm of that image's keys/values, so the new token neither dominates nor vanishes. Samples of one batch may carry
+different numbers of concepts: the unused slots are masked out of the cross-attention. The regularizer is
+λ·mean(p²) over the queries' attention to the concept tokens, summed over cross-attention layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+from myvlm.backends.base import CAPTION, VQA, Backend, Batch, normalized
+
+
+class Blip2Backend(Backend):
+    family = "blip2"
+    model_types = ("blip-2",)
+    model_class = Blip2ForConditionalGeneration
+    processor_class = Blip2Processor
+    reg_lambda = {CAPTION: 0.04, VQA: 0.04}
+
+    def __init__(self, model, processor) -> None:
+        self.generation_includes_prompt = model.config.use_decoder_only_language_model
+        super().__init__(model, processor)
+
+    @property
+    def concept_width(self) -> int:
+        return self.model.config.vision_config.hidden_size
+
+    def _register_hooks(self) -> None:
+        self._handles.append(self.model.vision_model.register_forward_hook(self._append_concepts))
+        self._handles.append(
+            self.model.qformer.register_forward_pre_hook(self._mask_unused_slots, with_kwargs=True)
+        )
+        for layer in self.model.qformer.encoder.layer:
+            if not getattr(layer, "has_cross_attention", False):
+                continue
+            attention = layer.crossattention.attention
+            self._handles.append(attention.key.register_forward_hook(self._rescale_keys))
+            self._handles.append(attention.value.register_forward_hook(self._rescale))
+            self._handles.append(attention.query.register_forward_hook(self._keep_queries))
+
+    def prompt(self, task: str, identifiers=(), question: str | None = None) -> str:
+        # Identifiers never enter the prompt: BLIP-2 captions from the empty prompt, as in the official code.
+        return "" if task == CAPTION else f"Question: {question} Answer:"
+
+    def encode(self, images, prompts, n_concepts, targets=None) -> Batch:
+        rows, label_rows, prompt_lengths = [], [], []
+        decoder_only = self.generation_includes_prompt
+        for index, prompt in enumerate(prompts):
+            prompt_ids = self.processor(images=[images[index]], text=[prompt], return_tensors="pt")["input_ids"][0]
+            prompt_ids = prompt_ids.tolist()
+            ids, labels = prompt_ids, None
+            if targets and decoder_only:
+                answer = self.answer_ids(prompt, targets[index])
+                ids = prompt_ids + answer
+                labels = [-100] * len(prompt_ids) + answer
+            elif targets:
+                labels = self.tokenizer(targets[index]).input_ids
+                if labels[-1] != self.tokenizer.eos_token_id:
+                    labels.append(self.tokenizer.eos_token_id)
+            rows.append(ids)
+            label_rows.append(labels)
+            prompt_lengths.append(len(prompt_ids))
+        left = targets is None or not decoder_only
+        inputs = {
+            "input_ids": self.pad(rows, self.tokenizer.pad_token_id, left),
+            "attention_mask": self.pad([[1] * len(r) for r in rows], 0, left),
+            "pixel_values": self.pixel_values(images),
+        }
+        if targets:
+            inputs["labels"] = self.pad(label_rows, -100, left=False)
+        return Batch(inputs, prompt_lengths, [[] for _ in rows])
+
+    # --- hooks ---------------------------------------------------------------------------------------------------
+    def _append_concepts(self, module, args, output):
+        """Vision encoder output [B, 257, W] -> [B, 257+k_max, W]; unused slots are zeros, masked in the Q-Former."""
+        if self.injection is None or not self.injection.any:
+            return None
+        hidden = output.last_hidden_state
+        self._n_image_tokens = hidden.shape[1]
+        k_max = max(len(v) for v in self.injection.vectors)
+        slots = hidden.new_zeros(hidden.shape[0], k_max, hidden.shape[2])
+        for b, vectors in enumerate(self.injection.vectors):
+            if len(vectors):
+                slots[b, : len(vectors)] = normalized(vectors).to(hidden.dtype)
+        output.last_hidden_state = torch.cat([hidden, slots], dim=1)
+        self._slot_mask = torch.tensor(
+            [[1] * len(v) + [0] * (k_max - len(v)) for v in self.injection.vectors], device=hidden.device
+        )
+        return output
+
+    def _mask_unused_slots(self, module, args, kwargs):
+        if self.injection is None or not self.injection.any:
+            return None
+        image_mask = kwargs["encoder_attention_mask"]
+        kwargs["encoder_attention_mask"] = torch.cat([image_mask[:, : self._n_image_tokens], self._slot_mask], dim=1)
+        return args, kwargs
+
+    def _rescale(self, module, args, projected: torch.Tensor):
+        """Rescale each concept token's key/value to the mean norm of its image's image-token keys/values."""
+        if self.injection is None or not self.injection.any:
+            return None
+        n = self._n_image_tokens
+        image_part, concept_part = projected[:, :n], projected[:, n:]
+        target = image_part.norm(dim=-1, keepdim=True).mean(dim=1, keepdim=True)
+        rescaled = concept_part / concept_part.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target
+        return torch.cat([image_part, rescaled], dim=1)
+
+    def _keep_queries(self, module, args, queries: torch.Tensor):
+        if self.injection is not None and self.injection.record_attention and self.injection.any:
+            self._queries = queries
+        return None
+
+    def _rescale_keys(self, module, args, projected: torch.Tensor):
+        keys = self._rescale(module, args, projected)
+        injection = self.injection
+        if keys is not None and injection.record_attention:
+            injection.attention_terms.append(self._concept_attention_term(self._queries, keys, module))
+        return keys
+
+    def _concept_attention_term(self, queries: torch.Tensor, keys: torch.Tensor, key_layer) -> torch.Tensor:
+        """mean(p²) of the queries' cross-attention to the (used) concept slots, recomputed from q and k."""
+        config = self.model.config.qformer_config
+        heads = config.num_attention_heads
+        head_dim = queries.shape[-1] // heads
+        q = queries.view(queries.shape[0], -1, heads, head_dim).transpose(1, 2).float()
+        k = keys.view(keys.shape[0], -1, heads, head_dim).transpose(1, 2).float()
+        scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5  # [B, H, Q, 257+k_max]
+        key_mask = torch.cat([self._slot_mask.new_ones(keys.shape[0], self._n_image_tokens), self._slot_mask], dim=1)
+        scores = scores.masked_fill(key_mask[:, None, None, :] == 0, float("-inf"))
+        concept_probs = scores.softmax(dim=-1)[..., self._n_image_tokens :]  # [B, H, Q, k_max]
+        used = self._slot_mask[:, None, None, :].expand_as(concept_probs).bool()
+        return (concept_probs[used] ** 2).mean()

@@ -1,0 +1,230 @@
+"""PersonalizedVLM: a frozen HF VLM plus concept embeddings that enter only for images where a concept was detected."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoConfig
+
+from myvlm.backends import CAPTION, VQA, Backend, Injection, backend_for
+from myvlm.errors import MyVLMError
+
+TOY_MODELS = ("toy-llava", "toy-blip2")
+
+
+def resolve_model(name: str) -> tuple[str, str]:
+    """(where to load from, the id concepts are stored under): toy names, local folders, or hub ids."""
+    if name in TOY_MODELS:
+        path = Path(str(resources.files("myvlm.toyworld"))) / "models" / name
+        if not (path / "config.json").exists():
+            raise MyVLMError(f"toy model '{name}' is not packaged here; rebuild it with `myvlm toyworld build`")
+        return str(path), name
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise MyVLMError(f"{path}: not a model folder (no config.json)")
+        return str(path.resolve()), str(path.resolve())
+    return name, name
+
+
+@dataclass(frozen=True)
+class Caption:
+    text: str
+    concepts: tuple[str, ...]
+
+
+@dataclass
+class ActiveConcept:
+    """A concept the model can insert: its identifier (the word the VLM should say) and its learned vector."""
+
+    name: str
+    identifier: str
+    vector: torch.Tensor
+
+
+class PersonalizedVLM:
+    """Wraps any supported HF VLM; concepts are injected through the backend's hooks, never into the weights."""
+
+    def __init__(self, model: torch.nn.Module, processor, model_id: str) -> None:
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+        self.backend: Backend = backend_for(model.config.model_type)(model, processor)
+        self.concepts: dict[str, ActiveConcept] = {}
+        self.detector = None
+
+    @classmethod
+    def from_pretrained(
+        cls, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> PersonalizedVLM:
+        """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`."""
+        location, model_id = resolve_model(name)
+        try:
+            config = AutoConfig.from_pretrained(location)
+        except (OSError, ValueError) as error:
+            raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
+        backend = backend_for(config.model_type)
+        model = backend.model_class.from_pretrained(location, dtype=dtype)
+        processor = backend.processor_class.from_pretrained(location)
+        if device is not None:
+            model.to(device)
+        return cls(model, processor, model_id)
+
+    @property
+    def family(self) -> str:
+        return self.backend.family
+
+    @property
+    def concept_width(self) -> int:
+        return self.backend.concept_width
+
+    # --- concepts -------------------------------------------------------------------------------------------------
+    def add_concept(self, name: str, identifier: str, vector: torch.Tensor) -> ActiveConcept:
+        vector = torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
+        if vector.numel() != self.concept_width:
+            raise MyVLMError(
+                f"concept '{name}': embedding width {vector.numel()} does not match {self.model_id} "
+                f"(needs {self.concept_width}); it was trained for another model"
+            )
+        concept = ActiveConcept(name, identifier, vector.to(self.backend.device))
+        self.concepts[name] = concept
+        return concept
+
+    def learn(
+        self,
+        name: str,
+        identifier: str,
+        images: Sequence[Image.Image],
+        captions: Sequence[Sequence[str]],
+        config=None,
+        **kwargs,
+    ):
+        """Learn a concept embedding from images and their captions (each mentioning `identifier`)."""
+        from myvlm.training import caption_examples, learn_concept
+
+        return learn_concept(self, name, identifier, images, caption_examples(captions), config, **kwargs)
+
+    def remove_concept(self, name: str) -> None:
+        self.concepts.pop(name, None)
+
+    def use_library(self, library) -> list[str]:
+        """Load every library concept that has an embedding for this model, and its head for detection."""
+        from myvlm.heads import ConceptDetector
+
+        loaded, heads = [], {}
+        for concept in library.concepts():
+            heads_entry = library.load_head(concept.name)
+            if heads_entry is not None:
+                heads[concept.name] = heads_entry
+            vector = library.load_embedding(concept.name, self.model_id, self.concept_width)
+            if vector is not None:
+                self.add_concept(concept.name, concept.identifier, vector)
+                loaded.append(concept.name)
+        self.detector = ConceptDetector({n: h for n, h in heads.items() if n in self.concepts}) if heads else None
+        return loaded
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[str]]:
+        if self.detector is None:
+            return [[] for _ in images]
+        return [sorted(d.concept for d in found) for found in self.detector.detect(images)]
+
+    @contextlib.contextmanager
+    def activate(self, per_image: Sequence[Sequence[str]], record_attention: bool = False) -> Iterator[Injection]:
+        """Insert the named concepts (each once, in name order) into the images of the next forward passes."""
+        vectors = []
+        for names in per_image:
+            unknown = [n for n in names if n not in self.concepts]
+            if unknown:
+                raise MyVLMError(f"concept '{unknown[0]}' has no embedding for {self.model_id}; train it first")
+            ordered = sorted(set(names))
+            width = self.concept_width
+            vectors.append(
+                torch.stack([self.concepts[n].vector for n in ordered])
+                if ordered
+                else torch.zeros(0, width, device=self.backend.device)
+            )
+        injection = Injection(vectors, record_attention=record_attention)
+        self.backend.injection = injection
+        try:
+            yield injection
+        finally:
+            self.backend.injection = None
+
+    # --- generation -----------------------------------------------------------------------------------------------
+    def _run(
+        self,
+        images: Sequence[Image.Image],
+        prompts_for: callable,
+        concepts: Sequence[Sequence[str]] | None,
+        batch_size: int,
+        max_new_tokens: int,
+        progress: bool,
+    ) -> list[Caption]:
+        per_image = [sorted(set(c)) for c in concepts] if concepts is not None else self.detect(images)
+        if len(per_image) != len(images):
+            raise MyVLMError(f"got concepts for {len(per_image)} images but {len(images)} images")
+        results: list[Caption | None] = [None] * len(images)
+        # Images with no concept run as their own batches: exactly the untouched model's computation.
+        groups = [[i for i, c in enumerate(per_image) if not c], [i for i, c in enumerate(per_image) if c]]
+        chunks = [g[s : s + batch_size] for g in groups for s in range(0, len(g), batch_size)]
+        bar = _progress(len(images), progress)
+        for chunk in chunks:
+            names = [per_image[i] for i in chunk]
+            identifiers = [[self.concepts[n].identifier for n in ns] for ns in names]
+            prompts = [prompts_for(ids) for ids in identifiers]
+            batch = self.backend.encode([images[i] for i in chunk], prompts, [len(n) for n in names])
+            with self.activate(names):
+                texts = self.backend.generate(batch, max_new_tokens=max_new_tokens)
+            for i, text, ns in zip(chunk, texts, names, strict=True):
+                results[i] = Caption(text, tuple(ns))
+            bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def caption(
+        self,
+        images: Sequence[Image.Image],
+        concepts: Sequence[Sequence[str]] | None = None,
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 40,
+        progress: bool = False,
+    ) -> list[Caption]:
+        """Caption images; `concepts` (names per image) overrides the heads' detections."""
+        return self._run(
+            images, lambda ids: self.backend.prompt(CAPTION, ids), concepts, batch_size, max_new_tokens, progress
+        )
+
+    def ask(
+        self,
+        image: Image.Image,
+        question: str,
+        concepts: Sequence[str] | None = None,
+        *,
+        max_new_tokens: int = 40,
+    ) -> Caption:
+        """Answer a question about one image, e.g. "What is Bobby doing?"."""
+        if not question or not question.strip():
+            raise MyVLMError("the question is empty")
+        per_image = None if concepts is None else [concepts]
+        prompt = self.backend.prompt(VQA, question=question.strip())
+        return self._run([image], lambda ids: prompt, per_image, 1, max_new_tokens, False)[0]
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled or total < 2, unit="img", desc="captioning")
+
+
+def load(name: str, **kwargs) -> PersonalizedVLM:
+    """Shorthand for PersonalizedVLM.from_pretrained."""
+    return PersonalizedVLM.from_pretrained(name, **kwargs)

@@ -1,0 +1,90 @@
+"""Crash-safe file writes: temporary file, fsync, rename. A reader never sees a half-written file."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from myvlm.errors import MyVLMError
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def explain_os_errors(what: Path) -> Iterator[None]:
+    """Turn read-only folders and full disks into one-line errors."""
+    try:
+        yield
+    except PermissionError:
+        raise MyVLMError(f"{what}: permission denied (is the library read-only?)") from None
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise MyVLMError(f"{what}: disk is full; nothing was changed") from None
+        if error.errno == errno.EROFS:
+            raise MyVLMError(f"{what}: read-only file system") from None
+        raise MyVLMError(f"{what}: {error.strerror or error}") from None
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with explain_os_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MyVLMError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MyVLMError(f"{path}: corrupted JSON ({error})") from None
+    if not isinstance(obj, dict):
+        raise MyVLMError(f"{path}: corrupted (expected a JSON object)")
+    return obj
+
+
+def write_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    write_bytes_atomic(path, data)
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Only safetensors is ever read from a library: no pickle, whatever the file claims to be."""
+    try:
+        return load_safetensors_bytes(path.read_bytes())
+    except FileNotFoundError:
+        raise MyVLMError(f"{path}: missing") from None
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise MyVLMError(f"{path}: corrupted tensor file ({error})") from None

@@ -1,0 +1,155 @@
+"""Learning one concept embedding: the MyVLM recipe as a loop you can read top to bottom.
+
+One vector, AdamW (lr 1.0, weight decay 1e-4), gradient-norm clip 0.05, 100 steps of batch 4. Each step samples
+examples, a fresh augmented view of each image, one caption per image with the identifier in it, and minimizes
+cross-entropy plus the attention regularizer λ·mean(p²) that keeps the concept token from dominating.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from myvlm.augment import augment
+from myvlm.backends import CAPTION, TASKS, VQA
+from myvlm.errors import MyVLMError
+from myvlm.model import PersonalizedVLM
+
+
+@dataclass
+class TrainingConfig:
+    task: str = CAPTION
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 1.0
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 0.05
+    reg_lambda: float | None = None  # None: the backend's λ for the task
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise MyVLMError(f"task must be one of {', '.join(TASKS)}, not '{self.task}'")
+        if self.steps < 1 or self.batch_size < 1:
+            raise MyVLMError("steps and batch size must be at least 1")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training target: an image, the question (None for captioning) and the accepted answers."""
+
+    image: int
+    answers: tuple[str, ...]
+    question: str | None = None
+
+
+@dataclass
+class TrainingResult:
+    vector: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+    steps_done: int = 0
+    stopped_early: str | None = None
+
+
+def with_identifier(caption: str, name: str, identifier: str, *, person: bool = False) -> str:
+    """Put the identifier where the caption names the concept (for people also the title-cased name)."""
+    names = {name, name.title()} if person else {name}
+    for word in sorted(names, key=len, reverse=True):
+        if word != identifier:
+            caption = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", identifier, caption)
+    return caption
+
+
+def initial_vector(width: int, seed: int) -> torch.Tensor:
+    """Official initialization: uniform [0, 1) then L2-normalized."""
+    generator = torch.Generator().manual_seed(seed)
+    vector = torch.rand(width, generator=generator)
+    return vector / vector.norm()
+
+
+def learn_concept(
+    vlm: PersonalizedVLM,
+    name: str,
+    identifier: str,
+    images: Sequence[Image.Image],
+    examples: Sequence[Example],
+    config: TrainingConfig | None = None,
+    *,
+    init: torch.Tensor | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float, torch.Tensor], None] | None = None,
+) -> TrainingResult:
+    """Train the embedding of concept `name` on `examples`; the VLM stays frozen. Returns the learned vector."""
+    config = config or TrainingConfig()
+    if not images or not examples:
+        raise MyVLMError(f"concept '{name}': no training images or captions")
+    for example in examples:
+        if not any(identifier in answer for answer in example.answers) and example.question is None:
+            raise MyVLMError(f"concept '{name}': caption '{example.answers[0]}' does not contain '{identifier}'")
+    backend = vlm.backend
+    rng = np.random.default_rng(config.seed)
+    vector = torch.nn.Parameter(
+        (init.clone().float() if init is not None else initial_vector(vlm.concept_width, config.seed)).to(
+            backend.device
+        )
+    )
+    concept = vlm.add_concept(name, identifier, vector.detach())
+    concept.vector = vector
+    optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=config.weight_decay)
+    result = TrainingResult(vector.detach().clone())
+    order: list[int] = []
+    from tqdm.auto import trange
+
+    bar = trange(config.steps, disable=not progress, desc=f"learning {name}", unit="step")
+    for step in bar:
+        picked = []
+        while len(picked) < config.batch_size:
+            if not order:
+                order = list(rng.permutation(len(examples)))
+            picked.append(examples[order.pop()])
+        views = [augment(images[e.image], rng) if config.augment else images[e.image] for e in picked]
+        prompts, targets = [], []
+        for example in picked:
+            answer = example.answers[int(rng.integers(len(example.answers)))]
+            if example.question is None:
+                prompts.append(backend.prompt(CAPTION, [identifier]))
+            else:
+                prompts.append(backend.prompt(VQA, question=example.question))
+            targets.append(answer)
+        batch = backend.encode(views, prompts, [1] * len(picked), targets)
+        with vlm.activate([[name]] * len(picked), record_attention=True) as injection:
+            injection.batch = batch
+            cross_entropy = backend.loss(batch)
+            regularizer = backend.regularizer(config.task, config.reg_lambda)
+        loss = cross_entropy + regularizer
+        if not math.isfinite(loss.item()):
+            result.stopped_early = f"loss became {loss.item()} at step {step}; kept the last finite embedding"
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([vector], config.max_grad_norm)
+        optimizer.step()
+        if not torch.isfinite(vector).all():
+            result.stopped_early = f"embedding became non-finite at step {step}; kept the last finite embedding"
+            break
+        result.vector = vector.detach().clone()
+        result.losses.append(loss.item())
+        result.steps_done = step + 1
+        bar.set_postfix(loss=f"{loss.item():.3f}", reg=f"{regularizer.item():.4f}")
+        if on_step is not None:
+            on_step(step, loss.item(), result.vector)
+    bar.close()
+    concept.vector = result.vector.to(backend.device)
+    return result
+
+
+def caption_examples(captions: Sequence[Sequence[str]]) -> list[Example]:
+    """One captioning example per image from its list of captions."""
+    return [Example(i, tuple(c)) for i, c in enumerate(captions)]
