@@ -51,20 +51,34 @@ def make_tokenizer(image_token: bool) -> PreTrainedTokenizerFast:
 def tiny_llava(seed: int = 0) -> PersonalizedVLM:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=32, image_size=IMAGE_SIZE, patch_size=PATCH, num_hidden_layers=2, num_attention_heads=2,
+        hidden_size=32,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        num_hidden_layers=2,
+        num_attention_heads=2,
         intermediate_size=64,
     )
     text = LlamaConfig(
-        vocab_size=len(SPECIALS) + len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
     )
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=4))
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=make_tokenizer(True), patch_size=PATCH,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=make_tokenizer(True),
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     return PersonalizedVLM(model, processor, "tiny-llava")
 
@@ -74,21 +88,44 @@ def tiny_blip2(language_model: str = "opt", seed: int = 0) -> PersonalizedVLM:
     vocab_size = len(SPECIALS) + len(WORDS)
     if language_model == "opt":
         text = OPTConfig(
-            vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
-            word_embed_proj_dim=32, pad_token_id=0, bos_token_id=2, eos_token_id=3,
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=64,
+            num_attention_heads=2,
+            word_embed_proj_dim=32,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
         )
     else:
         text = T5Config(
-            vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, pad_token_id=0,
-            eos_token_id=3, decoder_start_token_id=0,
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=3,
+            decoder_start_token_id=0,
         )
     config = Blip2Config(
-        vision_config=Blip2VisionConfig(
-            hidden_size=48, image_size=IMAGE_SIZE, patch_size=PATCH, num_hidden_layers=2, num_attention_heads=2,
+        vision_config=Blip2VisionConfig(  # its default initializer_range is 1e-10: a blind random tower
+            initializer_range=0.02,
+            hidden_size=48,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH,
+            num_hidden_layers=2,
+            num_attention_heads=2,
             intermediate_size=64,
         ),
         qformer_config=Blip2QFormerConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, encoder_hidden_size=48,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            encoder_hidden_size=48,
         ),
         text_config=text,
         num_query_tokens=4,

@@ -183,7 +183,9 @@ class ConceptLibrary:
         try:
             for other in self.concepts():
                 if other.name.casefold() == name.casefold():
-                    raise MyVLMError(f"a concept named '{other.name}' already exists; remove it first or pick a new name")
+                    raise MyVLMError(
+                        f"a concept named '{other.name}' already exists; remove it first or pick a new name"
+                    )
                 if other.identifier.casefold() == identifier.casefold():
                     raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other.name}'")
             concept = Concept(

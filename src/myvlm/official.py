@@ -19,7 +19,9 @@ from myvlm.errors import MyVLMError
 FILENAME = re.compile(r"concept_embeddings_(?P<vlm>[\w.-]+?)_(?P<task>captioning|vqa|rec)\.pt$")
 
 
-def load_official_embedding(path: str | os.PathLike, *, step: int | None = None, row: int = 0) -> tuple[torch.Tensor, dict]:
+def load_official_embedding(
+    path: str | os.PathLike, *, step: int | None = None, row: int = 0
+) -> tuple[torch.Tensor, dict]:
     """The vector at `step` (default: the last one) and what the file name tells about it."""
     path = Path(path)
     try:

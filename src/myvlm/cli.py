@@ -1,0 +1,307 @@
+"""The `myvlm` command line. Every user error is one line on stderr and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from myvlm.errors import MyVLMError
+
+
+def _library(args):
+    from myvlm.library import ConceptLibrary
+
+    return ConceptLibrary(args.library)
+
+
+def _load_images(paths, *, skip_bad: bool):
+    """Images from files/folders; with skip_bad, a broken file is reported and skipped, the rest processed."""
+    from myvlm.images import collect_images, load_image
+
+    images, names = [], []
+    for path in collect_images(paths):
+        try:
+            images.append(load_image(path))
+            names.append(str(path))
+        except MyVLMError as error:
+            if not skip_bad:
+                raise
+            print(f"myvlm: skipping {error}", file=sys.stderr)
+    if not images:
+        raise MyVLMError("none of the given images could be read")
+    return images, names
+
+
+def _write_json(path: str, obj) -> None:
+    from myvlm.storage import write_json_atomic
+
+    if isinstance(obj, list):
+        from myvlm.storage import write_bytes_atomic
+
+        write_bytes_atomic(Path(path), (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    else:
+        write_json_atomic(Path(path), obj)
+
+
+# --- concept management ---------------------------------------------------------------------------------------------
+def cmd_concept_add(args) -> None:
+    from myvlm.heads import FaceHead, ObjectHead
+    from myvlm.library import check_name
+
+    library = _library(args)
+    name = check_name(args.name)
+    if name in library:
+        raise MyVLMError(f"a concept named '{name}' already exists; remove it first or pick a new name")
+    images, names = _load_images(args.images, skip_bad=False)
+    if args.kind == "person":
+        head = FaceHead.enroll(images, sources=names)
+    else:
+        negatives = _load_images([args.negatives], skip_bad=True)[0] if args.negatives else None
+        head = ObjectHead.train(images, negatives, encoder=args.encoder)
+    concept = library.create(name, kind=args.kind, identifier=args.identifier, class_word=args.class_word, head=head)
+    print(
+        f"added {concept.kind} concept '{concept.name}' (identifier '{concept.identifier}') from {len(images)} photos"
+    )
+
+
+def cmd_concept_list(args) -> None:
+    concepts = _library(args).concepts()
+    rows = [
+        {
+            "name": c.name,
+            "identifier": c.identifier,
+            "kind": c.kind,
+            "class_word": c.class_word,
+            "models": sorted(c.embeddings),
+        }
+        for c in concepts
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return
+    if not rows:
+        print(f"no concepts in {_library(args).root}")
+    for row in rows:
+        models = ", ".join(row["models"]) or "no embeddings yet"
+        print(
+            f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} class={row['class_word']}  {models}"
+        )
+
+
+def cmd_concept_remove(args) -> None:
+    _library(args).remove(args.name)
+    print(f"removed concept '{args.name}'")
+
+
+def cmd_detect(args) -> None:
+    from myvlm.heads import ConceptDetector
+
+    library = _library(args)
+    heads = {c.name: library.load_head(c.name) for c in library.concepts()}
+    heads = {n: h for n, h in heads.items() if h is not None}
+    if not heads:
+        raise MyVLMError(f"no concepts with heads in {library.root}; add one with `myvlm concept add`")
+    images, names = _load_images(args.images, skip_bad=True)
+    found = ConceptDetector(heads).detect(images)
+    results = [
+        {
+            "image": name,
+            "detections": [
+                {"concept": d.concept, "score": round(float(d.score), 4), "box": list(d.box) if d.box else None}
+                for d in detections
+            ],
+        }
+        for name, detections in zip(names, found, strict=True)
+    ]
+    if args.json:
+        _write_json(args.json, results)
+    for row in results:
+        hits = ", ".join(f"{d['concept']} ({d['score']:.2f})" for d in row["detections"]) or "-"
+        print(f"{row['image']}: {hits}")
+
+
+# --- model commands -------------------------------------------------------------------------------------------------
+def cmd_caption(args) -> None:
+    from myvlm.model import load
+
+    vlm = load(args.model)
+    loaded = vlm.use_library(_library(args))
+    images, names = _load_images(args.images, skip_bad=True)
+    captions = vlm.caption(images, batch_size=args.batch_size, progress=True)
+    results = [
+        {"image": n, "concepts": list(c.concepts), "caption": c.text} for n, c in zip(names, captions, strict=True)
+    ]
+    if args.json:
+        _write_json(args.json, results)
+    if args.report:
+        from myvlm.report import write_report
+
+        rows = [
+            (img, r["image"], [", ".join(r["concepts"]) or "-", r["caption"]], bool(r["concepts"]))
+            for img, r in zip(images, results, strict=True)
+        ]
+        write_report(
+            args.report,
+            f"myvlm captions — {args.model}",
+            ["concepts", "caption"],
+            rows,
+            {"model": args.model, "concepts loaded": ", ".join(loaded) or "none", "images": len(rows)},
+        )
+    for row in results:
+        print(f"{row['image']}: {row['caption']}")
+
+
+def cmd_ask(args) -> None:
+    from myvlm.images import load_image
+    from myvlm.model import load
+
+    vlm = load(args.model)
+    vlm.use_library(_library(args))
+    answer = vlm.ask(load_image(args.image), args.question)
+    print(answer.text)
+
+
+def cmd_train(args) -> None:
+    from myvlm.personalize import train_concept
+
+    train_concept(
+        _library(args),
+        args.name,
+        args.model,
+        task=args.task,
+        captions=args.captions,
+        images=args.images,
+        steps=args.steps,
+        seed=args.seed,
+    )
+
+
+def cmd_import(args) -> None:
+    from myvlm.model import load
+    from myvlm.official import load_official_embedding
+
+    library = _library(args)
+    concept = library.get(args.concept)
+    vector, info = load_official_embedding(args.checkpoint, step=args.step)
+    vlm = load(args.model)
+    vlm.add_concept(concept.name, concept.identifier, vector)  # checks the width against the model
+    library.save_embedding(concept.name, vlm.model_id, vector, family=vlm.family, **info)
+    print(f"imported step {info['step']} of {args.checkpoint} into '{concept.name}' for {vlm.model_id}")
+
+
+def cmd_demo(args) -> None:
+    from myvlm.demo import run_demo
+
+    run_demo(args.model, json_path=args.json, report_path=args.report, seed=args.seed, concept_index=args.concept)
+
+
+def cmd_toyworld_export(args) -> None:
+    from myvlm.toyworld import export_dataset
+
+    out = export_dataset(args.out, n_concepts=args.concepts, seed=args.seed)
+    print(f"wrote toyworld dataset to {out}")
+
+
+def cmd_toyworld_build(args) -> None:
+    from myvlm.toyworld import build_model
+
+    out = build_model(args.model, args.out, seed=args.seed)
+    print(f"built {args.model} into {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="myvlm", description="Personalize vision-language models to your concepts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, handler, help_text, parent=sub):
+        command = parent.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    def with_library(command):
+        command.add_argument("--library", help="concept library folder (default: $MYVLM_HOME or ~/.myvlm)")
+        return command
+
+    demo = add("demo", cmd_demo, "personalize a toy VLM to a toyworld concept and show base vs personalized captions")
+    demo.add_argument("--model", default="toy-llava", choices=["toy-llava", "toy-blip2"])
+    demo.add_argument("--concept", type=int, default=0, help="which toyworld concept (index)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", help="write the metrics as one JSON object")
+    demo.add_argument("--report", help="write an HTML report with thumbnails and both captions")
+
+    concept = add("concept", None, "add, list and remove concepts")
+    concept_sub = concept.add_subparsers(dest="concept_command", required=True, metavar="ACTION")
+    concept_add = with_library(add("add", cmd_concept_add, "add a concept from a few photos", concept_sub))
+    concept_add.add_argument("name")
+    concept_add.add_argument("--images", nargs="+", required=True, help="photos (files or folders)")
+    concept_add.add_argument("--kind", choices=["person", "object"], required=True)
+    concept_add.add_argument("--identifier", help="the word the VLM should use (default: the name)")
+    concept_add.add_argument("--class-word", help="what it is, e.g. dog, mug, man")
+    concept_add.add_argument("--negatives", help="a folder of photos without the concept (objects)")
+    concept_add.add_argument("--encoder", default="efficientnet-lite0", help="image encoder of the object head")
+    concept_list = with_library(add("list", cmd_concept_list, "list concepts", concept_sub))
+    concept_list.add_argument("--json", action="store_true")
+    concept_remove = with_library(add("remove", cmd_concept_remove, "remove a concept", concept_sub))
+    concept_remove.add_argument("name")
+
+    detect = with_library(add("detect", cmd_detect, "find library concepts in photos"))
+    detect.add_argument("images", nargs="+")
+    detect.add_argument("--json", help="write detections to this file")
+
+    train = with_library(add("train", cmd_train, "learn a concept's embedding for a model"))
+    train.add_argument("name")
+    train.add_argument("--model", required=True, help="hub id, local folder, toy-llava or toy-blip2")
+    train.add_argument("--task", choices=["caption", "vqa"], default="caption")
+    train.add_argument("--images", nargs="+", help="training photos (default: a concept folder given by --captions)")
+    train.add_argument("--captions", help="captions.json (image name -> captions), in the concept's photo folder")
+    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--seed", type=int, default=0)
+
+    caption = with_library(add("caption", cmd_caption, "caption photos, naming the concepts found in them"))
+    caption.add_argument("images", nargs="+")
+    caption.add_argument("--model", required=True)
+    caption.add_argument("--batch-size", type=int, default=8)
+    caption.add_argument("--json", help="write [{image, concepts, caption}] to this file")
+    caption.add_argument("--report", help="write an HTML report")
+
+    ask = with_library(add("ask", cmd_ask, "ask a question about a photo"))
+    ask.add_argument("image")
+    ask.add_argument("question")
+    ask.add_argument("--model", required=True)
+
+    importer = with_library(add("import", cmd_import, "import an official MyVLM embedding checkpoint"))
+    importer.add_argument("checkpoint", help="concept_embeddings_<VLM>_<TASK>.pt")
+    importer.add_argument("--concept", required=True, help="existing library concept to attach it to")
+    importer.add_argument("--model", required=True, help="the model it was trained for")
+    importer.add_argument("--step", type=int, help="training step to import (default: the last)")
+
+    toyworld = add("toyworld", None, "the synthetic toy world: export data, rebuild the toy models")
+    toy_sub = toyworld.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
+    export = add("export", cmd_toyworld_export, "write a personalization dataset in the MyVLM layout", toy_sub)
+    export.add_argument("--out", required=True)
+    export.add_argument("--concepts", type=int, default=2)
+    export.add_argument("--seed", type=int, default=0)
+    build = add("build", cmd_toyworld_build, "rebuild a toy model bit-for-bit from a seed", toy_sub)
+    build.add_argument("--model", required=True, choices=["toy-llava", "toy-blip2"])
+    build.add_argument("--out", required=True)
+    build.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except MyVLMError as error:
+        print(f"myvlm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("myvlm: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""From a folder of photos to a trained concept: captions (given or written by the base model), VQA augmentation,
+training, and storing the embedding in the library."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from myvlm.errors import MyVLMError
+from myvlm.images import IMAGE_EXTENSIONS, load_image
+from myvlm.library import Concept, ConceptLibrary
+from myvlm.model import PersonalizedVLM, load
+from myvlm.training import Example, TrainingConfig, learn_concept, with_identifier
+
+CAPTION_FILES = ("captions.json", "captions_augmented.json")
+# The official VQA augmentation asks the base model these about the concept's class, then names the concept.
+VQA_QUESTIONS = (
+    "What is the {cls} doing in the image?",
+    "Where is the {cls} in the image?",
+    "What color is the {cls}?",
+)
+
+
+def read_captions(path: Path) -> dict[str, list[str]]:
+    """captions.json: image file name -> caption or list of captions."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MyVLMError(f"{path}: no such captions file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MyVLMError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise MyVLMError(f"{path}: expected an object mapping image file names to captions")
+    captions = {}
+    for name, value in raw.items():
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise MyVLMError(f"{path}: captions of '{name}' must be a non-empty string or list of strings")
+        captions[name] = [v.strip() for v in values]
+    return captions
+
+
+def name_class_word(caption: str, class_word: str, identifier: str) -> str:
+    """Replace the first 'a/the <adjectives> <class word>' phrase of a base caption by the identifier."""
+    pattern = rf"\b(?:a|an|the)\s+(?:[\w-]+\s+){{0,3}}?{re.escape(class_word)}s?\b"
+    named, count = re.subn(pattern, identifier, caption, count=1, flags=re.IGNORECASE)
+    if not count:
+        named, count = re.subn(rf"\b{re.escape(class_word)}\b", identifier, caption, count=1, flags=re.IGNORECASE)
+    return named if count else ""
+
+
+def training_photos(images: Sequence[str] | None, captions_file: str | None) -> tuple[list[Path], dict | None]:
+    """The photos to train on and their captions, from --images and/or an official-layout captions.json."""
+    captions = None
+    if captions_file:
+        captions_path = Path(captions_file)
+        captions = read_captions(captions_path)
+        if not images:
+            paths = [captions_path.parent / name for name in captions]
+            missing = [p for p in paths if not p.is_file()]
+            if missing:
+                raise MyVLMError(f"{missing[0]}: listed in {captions_path} but missing")
+            return paths, captions
+    if not images:
+        raise MyVLMError("give the training photos with --images, or a concept folder's captions.json with --captions")
+    paths: list[Path] = []
+    for raw in images:
+        path = Path(raw)
+        if path.is_dir():
+            paths.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS))
+            if captions is None:
+                for candidate in CAPTION_FILES:
+                    if (path / candidate).is_file():
+                        captions = read_captions(path / candidate)
+                        break
+        else:
+            paths.append(path)
+    if not paths:
+        raise MyVLMError(f"no photos found in {', '.join(images)}")
+    return paths, captions
+
+
+def build_examples(
+    vlm: PersonalizedVLM,
+    concept: Concept,
+    photos: list[Image.Image],
+    names: list[str],
+    captions: dict | None,
+    task: str,
+) -> list[Example]:
+    """Captioning examples (given captions or base-model captions with the class word named), plus VQA pairs."""
+    person = concept.kind == "person"
+    examples = []
+    if captions is not None:
+        for index, name in enumerate(names):
+            given = captions.get(name)
+            if given is None:
+                raise MyVLMError(f"{name}: no captions for this photo in the captions file")
+            named = [with_identifier(c, concept.name, concept.identifier, person=person) for c in given]
+            named = [c for c in named if re.search(rf"(?<!\w){re.escape(concept.identifier)}(?!\w)", c)]
+            if not named:
+                raise MyVLMError(f"{name}: no caption mentions '{concept.name}' or '{concept.identifier}'")
+            examples.append(Example(index, tuple(named)))
+    else:
+        if not concept.class_word:
+            raise MyVLMError(f"concept '{concept.name}' has no class word; give captions or set --class-word")
+        base = vlm.caption(photos, [[] for _ in photos], progress=True)
+        for index, (name, caption) in enumerate(zip(names, base, strict=True)):
+            named = name_class_word(caption.text, concept.class_word, concept.identifier)
+            if not named:
+                raise MyVLMError(
+                    f"{name}: the base caption '{caption.text}' does not mention '{concept.class_word}'; give captions"
+                )
+            examples.append(Example(index, (named,)))
+    if task == "vqa":
+        examples.extend(vqa_examples(vlm, concept, photos))
+    return examples
+
+
+def vqa_examples(vlm: PersonalizedVLM, concept: Concept, photos: list[Image.Image]) -> list[Example]:
+    """Ask the base model about the concept's class, then rephrase question and answer with the identifier."""
+    cls = concept.class_word or "object"
+    examples = []
+    for question in VQA_QUESTIONS:
+        for index, photo in enumerate(photos):
+            answer = vlm.ask(photo, question.format(cls=cls), concepts=[]).text
+            if not answer:
+                continue
+            named_answer = name_class_word(answer, cls, concept.identifier) or answer
+            examples.append(
+                Example(index, (named_answer,), question.format(cls=cls).replace(f"the {cls}", concept.identifier))
+            )
+    return examples
+
+
+def train_concept(
+    library: ConceptLibrary,
+    name: str,
+    model: str,
+    *,
+    task: str = "caption",
+    captions: str | None = None,
+    images: Sequence[str] | None = None,
+    steps: int = 100,
+    seed: int = 0,
+    vlm: PersonalizedVLM | None = None,
+) -> None:
+    concept = library.get(name)
+    config = TrainingConfig(task=task, steps=steps, seed=seed)
+    paths, caption_map = training_photos(images, captions)
+    photos = [load_image(p) for p in paths]
+    vlm = vlm or load(model)
+    examples = build_examples(vlm, concept, photos, [p.name for p in paths], caption_map, task)
+    result = learn_concept(vlm, concept.name, concept.identifier, photos, examples, config)
+    if result.steps_done == 0:
+        raise MyVLMError(f"training of '{concept.name}' failed at the first step ({result.stopped_early})")
+    library.save_embedding(
+        concept.name,
+        vlm.model_id,
+        result.vector,
+        family=vlm.family,
+        task=task,
+        steps=result.steps_done,
+        seed=seed,
+        source="myvlm",
+        final_loss=round(result.losses[-1], 4),
+    )
+    note = f" ({result.stopped_early})" if result.stopped_early else ""
+    print(f"trained '{concept.name}' for {vlm.model_id}: {result.steps_done} steps, loss {result.losses[-1]:.3f}{note}")
