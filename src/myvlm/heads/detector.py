@@ -1,0 +1,128 @@
+"""Run every concept head over photos at once: one face pass and one encoder pass per image, one matmul for objects."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from myvlm.errors import MyVLMError
+from myvlm.heads.encoders import get_encoder
+from myvlm.heads.faces import FaceHead, get_face_backend
+from myvlm.heads.objects import ObjectHead
+
+Box = tuple[float, float, float, float]
+NO_FACE_SCORE = float("-inf")
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A concept that fired. `score`: object heads give the calibrated probability (fires at >= threshold, 0.5 by
+    default); person heads give 1 - face distance (fires when the distance is under the threshold)."""
+
+    concept: str
+    score: float
+    box: Box | None
+
+
+def head_from_state(config: dict, tensors: dict[str, torch.Tensor]) -> FaceHead | ObjectHead:
+    kinds = {"face": FaceHead, "object": ObjectHead}
+    if config.get("type") not in kinds:
+        raise MyVLMError(f"unknown concept head type {config.get('type')!r} (expected 'face' or 'object')")
+    return kinds[config["type"]].from_state(config, tensors)
+
+
+class ConceptDetector:
+    """Concept detection for a set of named heads; every face is given to the nearest enrolled person only."""
+
+    def __init__(self, heads: Mapping[str, FaceHead | ObjectHead]):
+        self.face_heads = {name: head for name, head in heads.items() if isinstance(head, FaceHead)}
+        self.object_groups: dict[str, tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        by_encoder: dict[str, list[str]] = {}
+        for name, head in heads.items():
+            if isinstance(head, ObjectHead):
+                by_encoder.setdefault(head.encoder_name, []).append(name)
+            elif not isinstance(head, FaceHead):
+                raise MyVLMError(f"concept {name!r}: not a FaceHead or ObjectHead")
+        for encoder_name, names in by_encoder.items():
+            self.object_groups[encoder_name] = (
+                names,
+                torch.stack([heads[name].weight for name in names]),
+                torch.stack([heads[name].bias for name in names]).reshape(-1),
+                torch.tensor([heads[name].threshold for name in names]),
+            )
+        self.person_groups: dict[str, list[str]] = {}
+        for name, head in self.face_heads.items():
+            self.person_groups.setdefault(head.backend_name, []).append(name)
+
+    def _object_probabilities(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        probabilities = {}
+        for encoder_name, (names, weights, biases, _) in self.object_groups.items():
+            features = get_encoder(encoder_name).embed(images)
+            if features.shape[1] != weights.shape[1]:
+                raise MyVLMError(
+                    f"encoder {encoder_name!r} gives {features.shape[1]}-d features but {', '.join(names)} "
+                    f"expect {weights.shape[1]}-d: retrain those concepts with this encoder"
+                )
+            for name, column in zip(names, torch.sigmoid(features @ weights.T + biases).T, strict=True):
+                probabilities[name] = column
+        return probabilities
+
+    def _face_distances(self, image: Image.Image) -> list[tuple[Box, dict[str, float]]]:
+        """Per face found: its box and its distance to each person concept (nearest enrolled face)."""
+        found = []
+        for backend_name, names in self.person_groups.items():
+            backend = get_face_backend(backend_name)
+            for face in backend.faces(image):
+                query = face.descriptor[None]
+                found.append(
+                    (
+                        face.box,
+                        {
+                            name: float(backend.distances(query, self.face_heads[name].descriptors).min())
+                            for name in names
+                        },
+                    )
+                )
+        return found
+
+    def scores(self, images: Sequence[Image.Image]) -> list[dict[str, float]]:
+        """Raw score of every concept per image (person: best face's 1 - distance, -inf without faces)."""
+        probabilities = self._object_probabilities(images)
+        results = []
+        for index, image in enumerate(images):
+            row = {name: float(column[index]) for name, column in probabilities.items()}
+            row.update({name: NO_FACE_SCORE for name in self.face_heads})
+            for _, distances in self._face_distances(image) if self.face_heads else []:
+                for name, distance in distances.items():
+                    row[name] = max(row[name], 1.0 - distance)
+            results.append(row)
+        return results
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]:
+        """Fired concepts per image, by score (descending) then name; a face names at most its nearest person."""
+        probabilities = self._object_probabilities(images)
+        thresholds = {
+            name: float(threshold)
+            for names, _, _, group_thresholds in self.object_groups.values()
+            for name, threshold in zip(names, group_thresholds, strict=True)
+        }
+        results = []
+        for index, image in enumerate(images):
+            fired: dict[str, Detection] = {
+                name: Detection(name, float(column[index]), None)
+                for name, column in probabilities.items()
+                if column[index] >= thresholds[name]
+            }
+            for box, distances in self._face_distances(image) if self.face_heads else []:
+                nearest = min(distances, key=lambda name: (distances[name], name))
+                distance = distances[nearest]
+                score = 1.0 - distance
+                if distance < self.face_heads[nearest].threshold and (
+                    nearest not in fired or fired[nearest].score < score
+                ):
+                    fired[nearest] = Detection(nearest, score, box)
+            results.append(sorted(fired.values(), key=lambda detection: (-detection.score, detection.concept)))
+        return results

@@ -1,0 +1,75 @@
+"""Concept heads with the real offline models on real photos from ../shared/data (skipped when it is absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from myvlm.errors import MyVLMError
+from myvlm.heads import ConceptDetector, FaceHead, ObjectHead, get_encoder, head_from_state
+from myvlm.images import collect_images, load_image
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(
+    not DATA.is_dir(), reason=f"real test photos not found at {DATA} (only developer and CI machines have them)"
+)
+
+
+def photos(*parts: str) -> list[Path]:
+    return collect_images([DATA.joinpath(*parts)])
+
+
+@pytest.fixture(scope="module")
+def people() -> dict[str, FaceHead]:
+    return {
+        person: FaceHead.enroll([load_image(p) for p in photos("faces", person)[:3]])
+        for person in ("person_a", "person_f")
+    }
+
+
+@pytest.fixture(scope="module")
+def backpack() -> ObjectHead:
+    return ObjectHead.train([load_image(p) for p in photos("dreambooth", "backpack")[:4]])
+
+
+def test_face_head_finds_the_known_face_in_a_group_photo(people):
+    detector = ConceptDetector(people)
+    couple = load_image(DATA / "faces" / "group" / "couple.jpg")
+    detections = detector.detect([couple])[0]
+    assert [d.concept for d in detections] == ["person_a"]  # the man is a stranger, 0.57 from person_f
+    x0, y0, x1, y1 = detections[0].box
+    assert x1 < couple.width / 2 and detections[0].score > 0.6
+    scores = detector.scores([couple])[0]
+    assert 1 - people["person_f"].threshold > scores["person_f"] > 0.35
+
+
+def test_face_head_identifies_unseen_photos_and_rejects_others(people):
+    detector = ConceptDetector(people)
+    images = [load_image(photos("faces", "person_a")[-1]), load_image(photos("faces", "person_c")[0])]
+    assert [[d.concept for d in found] for found in detector.detect(images)] == [["person_a"], []]
+
+
+def test_enrolment_names_the_photo_without_a_face():
+    no_face = photos("dreambooth", "can")[0]
+    with pytest.raises(MyVLMError, match=rf"{no_face.name}: no face found"):
+        FaceHead.enroll([load_image(no_face)], sources=[str(no_face)])
+
+
+def test_object_head_fires_on_new_photos_of_its_object_only(backpack):
+    held_out = [load_image(p) for p in photos("dreambooth", "backpack")[4:]]
+    others = [load_image(photos("dreambooth", s)[0]) for s in ("backpack_dog", "dog", "can", "fancy_boot")]
+    others += [load_image(p) for p in photos("negatives")[:3]]
+    probabilities = backpack.probabilities(get_encoder().embed(held_out + others))
+    assert (probabilities[: len(held_out)] >= 0.5).all()
+    assert (probabilities[len(held_out) :] < 0.5).all()
+    assert 0.72 <= backpack.calibration["cosine_threshold"] <= 0.8
+
+
+def test_mixed_detector_and_saved_heads_agree(people, backpack):
+    heads = {"bobby": people["person_a"], "my backpack": backpack}
+    restored = {name: head_from_state(head.config(), head.state_dict()) for name, head in heads.items()}
+    images = [load_image(photos("dreambooth", "backpack")[-1]), load_image(photos("faces", "person_a")[-1])]
+    original, reloaded = ConceptDetector(heads), ConceptDetector(restored)
+    assert [[d.concept for d in found] for found in original.detect(images)] == [["my backpack"], ["bobby"]]
+    assert original.detect(images) == reloaded.detect(images)
