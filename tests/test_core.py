@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
-from tiny_vlms import photos, tiny_blip2, tiny_llava
 
 from myvlm import ConceptLibrary, MyVLMError, load_official_embedding
 from myvlm.model import PersonalizedVLM
+from tiny_vlms import photos, tiny_blip2, tiny_llava
 
 MAKERS = {"llava": tiny_llava, "blip2-opt": lambda: tiny_blip2("opt"), "blip2-t5": lambda: tiny_blip2("t5")}
 
@@ -152,8 +152,9 @@ def test_blip2_two_concepts_enter_the_qformer_once_each():
         vlm.model.generate(**batch.inputs, max_new_tokens=2)
     states = captured["encoder_hidden_states"][0]
     assert captured["encoder_attention_mask"].shape[-1] == states.shape[0]
-    torch.testing.assert_close(states[-2], vectors["alice"] / vectors["alice"].norm())
-    torch.testing.assert_close(states[-1], vectors["bobby"] / vectors["bobby"].norm())
+    final_norm = vlm.model.vision_model.post_layernorm
+    torch.testing.assert_close(states[-2], final_norm(vectors["alice"] / vectors["alice"].norm()))
+    torch.testing.assert_close(states[-1], final_norm(vectors["bobby"] / vectors["bobby"].norm()))
 
 
 def test_save_load_round_trip_gives_identical_outputs(vlm, tmp_path):
@@ -176,8 +177,10 @@ def test_save_load_round_trip_gives_identical_outputs(vlm, tmp_path):
 def test_official_checkpoint_imports_and_width_mismatch_errors(vlm, tmp_path):
     values = torch.randn(1, vlm.concept_width)
     path = tmp_path / "concept_embeddings_llava_captioning.pt"
-    torch.save({49: {"keys": torch.randn(4, 512), "values": values * 0}, 99: {"keys": torch.randn(4, 512),
-               "values": values}}, path)
+    torch.save(
+        {49: {"keys": torch.randn(4, 512), "values": values * 0}, 99: {"keys": torch.randn(4, 512), "values": values}},
+        path,
+    )
     vector, info = load_official_embedding(path)
     assert torch.equal(vector, values[0])
     assert info == {"source": "official", "step": 99, "official_vlm": "llava", "task": "caption"}

@@ -132,6 +132,11 @@ def tiny_blip2(language_model: str = "opt", seed: int = 0) -> PersonalizedVLM:
         image_token_id=4,
     )
     model = Blip2ForConditionalGeneration(config)
+    with torch.no_grad():  # BLIP-2's init zeroes the query tokens; give them and the Q-Former a trained model's spread
+        model.query_tokens.normal_(0, 1.0)
+        for param in model.qformer.parameters():
+            if param.dim() == 2:
+                param.normal_(0, 0.3)
     processor = Blip2Processor(
         image_processor=BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         tokenizer=make_tokenizer(False),
@@ -150,40 +155,3 @@ def photos(n: int = 4, seed: int = 0, size: int = 48) -> list[Image.Image]:
     """Distinct random-texture images (the model is random, so any content works)."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-COLORS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 170, 30)}
-PLACES = ("sofa", "grass", "table")
-
-
-def colored_photo(color: str, seed: int, size: int = 48) -> Image.Image:
-    """A noisy image whose dominant color the caption names: gives the tiny VLM something to read."""
-    rng = np.random.default_rng(seed)
-    base = np.array(COLORS[color], dtype=np.float64)
-    pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels)
-
-
-def pretrain(vlm: PersonalizedVLM, steps: int = 120, seed: int = 0) -> PersonalizedVLM:
-    """Briefly train the whole tiny VLM to caption colored photos, so that it listens to its visual tokens the way
-    a pretrained VLM does (a random-weight LM ignores its inputs, which no concept vector can overcome)."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    backend = vlm.backend
-    model = vlm.model
-    model.train()
-    model.requires_grad_(True)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        colors = [list(COLORS)[int(i)] for i in rng.integers(0, 3, 8)]
-        places = [PLACES[int(i)] for i in rng.integers(0, 3, 8)]
-        images = [colored_photo(c, seed * 10_000 + step * 8 + i) for i, c in enumerate(colors)]
-        targets = [f"a {c} dog is on the {p} ." for c, p in zip(colors, places, strict=True)]
-        prompts = [backend.prompt("caption") for _ in images]
-        loss = backend.loss(backend.encode(images, prompts, [0] * 8, targets))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    model.requires_grad_(False)
-    return vlm

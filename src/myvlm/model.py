@@ -222,7 +222,8 @@ class PersonalizedVLM:
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, disable=not enabled or total < 2, unit="img", desc="captioning")
+    # disable=None: bars on a terminal only, so logs and pipes stay readable.
+    return tqdm(total=total, disable=None if enabled and total > 1 else True, unit="img", desc="captioning")
 
 
 def load(name: str, **kwargs) -> PersonalizedVLM:

@@ -1,4 +1,4 @@
-"""Learning one concept embedding: the MyVLM recipe as a loop you can read top to bottom.
+"""Learning one concept embedding: the MyVLM recipe as one loop you can read top to bottom.
 
 One vector, AdamW (lr 1.0, weight decay 1e-4), gradient-norm clip 0.05, 100 steps of batch 4. Each step samples
 examples, a fresh augmented view of each image, one caption per image with the identifier in it, and minimizes
@@ -74,6 +74,10 @@ def initial_vector(width: int, seed: int) -> torch.Tensor:
     return vector / vector.norm()
 
 
+# 8 views per image: 100 steps of batch 4 over 4 images see each view ~12 times, and the pool stays small.
+VIEWS_PER_IMAGE = 8
+
+
 def learn_concept(
     vlm: PersonalizedVLM,
     name: str,
@@ -82,19 +86,37 @@ def learn_concept(
     examples: Sequence[Example],
     config: TrainingConfig | None = None,
     *,
+    views_per_image: int | None = VIEWS_PER_IMAGE,
     init: torch.Tensor | None = None,
     progress: bool = True,
     on_step: Callable[[int, float, torch.Tensor], None] | None = None,
 ) -> TrainingResult:
-    """Train the embedding of concept `name` on `examples`; the VLM stays frozen. Returns the learned vector."""
+    """Train the embedding of concept `name` on `examples`; the VLM stays frozen. Returns the learned vector.
+
+    With `views_per_image`, everything the vector cannot influence is computed once: each image gets a pool of
+    augmented views encoded once (BLIP-2: vision encoder outputs; LLaVA: projected image tokens and the LLM's
+    keys/values before the concept token), and each step runs only what depends on the vector. `None` runs the
+    official loop: a fresh augmentation and a full forward and backward pass every step.
+    """
     config = config or TrainingConfig()
     if not images or not examples:
         raise MyVLMError(f"concept '{name}': no training images or captions")
+    if views_per_image is not None and views_per_image < 1:
+        raise MyVLMError("views_per_image must be at least 1")
     for example in examples:
         if not any(identifier in answer for answer in example.answers) and example.question is None:
             raise MyVLMError(f"concept '{name}': caption '{example.answers[0]}' does not contain '{identifier}'")
     backend = vlm.backend
+    # Examples and answers come from one stream, views from another: both loops sample the same examples.
     rng = np.random.default_rng(config.seed)
+    view_rng = np.random.default_rng([config.seed, 1])
+    pool = None
+    if views_per_image is not None:
+        count = views_per_image if config.augment else 1
+        pool = [
+            backend.cache_views([augment(image, view_rng) for _ in range(count)] if config.augment else [image])
+            for image in images
+        ]
     vector = torch.nn.Parameter(
         (init.clone().float() if init is not None else initial_vector(vlm.concept_width, config.seed)).to(
             backend.device
@@ -107,26 +129,30 @@ def learn_concept(
     order: list[int] = []
     from tqdm.auto import trange
 
-    bar = trange(config.steps, disable=not progress, desc=f"learning {name}", unit="step")
+    bar = trange(config.steps, disable=None if progress else True, desc=f"learning {name}", unit="step")
     for step in bar:
         picked = []
         while len(picked) < config.batch_size:
             if not order:
                 order = list(rng.permutation(len(examples)))
             picked.append(examples[order.pop()])
-        views = [augment(images[e.image], rng) if config.augment else images[e.image] for e in picked]
         prompts, targets = [], []
         for example in picked:
-            answer = example.answers[int(rng.integers(len(example.answers)))]
+            targets.append(example.answers[int(rng.integers(len(example.answers)))])
             if example.question is None:
                 prompts.append(backend.prompt(CAPTION, [identifier]))
             else:
                 prompts.append(backend.prompt(VQA, question=example.question))
-            targets.append(answer)
-        batch = backend.encode(views, prompts, [1] * len(picked), targets)
+        if pool is None:
+            views = [augment(images[e.image], view_rng) if config.augment else images[e.image] for e in picked]
+            batch = backend.encode(views, prompts, [1] * len(picked), targets)
+        else:
+            cached = [pool[e.image][int(view_rng.integers(len(pool[e.image])))] for e in picked]
+            # Token ids depend only on the preprocessed image size: the original images stand in for the views.
+            batch = backend.encode([images[e.image] for e in picked], prompts, [1] * len(picked), targets)
         with vlm.activate([[name]] * len(picked), record_attention=True) as injection:
             injection.batch = batch
-            cross_entropy = backend.loss(batch)
+            cross_entropy = backend.loss(batch) if pool is None else backend.cached_loss(batch, cached)
             regularizer = backend.regularizer(config.task, config.reg_lambda)
         loss = cross_entropy + regularizer
         if not math.isfinite(loss.item()):

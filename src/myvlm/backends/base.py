@@ -7,7 +7,8 @@ while concepts are active, so with nothing detected the model runs its untouched
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -126,11 +127,33 @@ class Backend:
             output = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """Cross-entropy of the targets; hooks record attention terms on the way when asked to."""
+    def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return self.model(**inputs, use_cache=False).loss
+        return inputs
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy of the targets; hooks record attention terms on the way when asked to."""
+        return self.model(**self.model_inputs(batch), use_cache=False).loss
+
+    # --- cached training (learn_concept with views_per_image) -----------------------------------------------
+    def cache_views(self, images: Sequence[Image.Image]) -> list:
+        """Per image, the frozen work that does not depend on the concept vector, to be reused across steps."""
+        raise NotImplementedError
+
+    def cached_loss(self, batch: Batch, views: Sequence) -> torch.Tensor:
+        """`loss(batch)` with sample b's image given by `views[b]` (from `cache_views`), skipping the frozen work.
+        Equal to `loss` on the same images, including the attention terms the hooks record."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def hooks_off(self) -> Iterator[None]:
+        """Run frozen sub-computations (cached prefixes, vision states) as the untouched model, even mid-step."""
+        injection, self.injection = self.injection, None
+        try:
+            yield
+        finally:
+            self.injection = injection
 
     def regularizer(self, task: str, reg_lambda: float | None = None) -> torch.Tensor:
         """λ · Σ_layers mean(p²) of the concept token's attention, from terms the hooks recorded this pass."""

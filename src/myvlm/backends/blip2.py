@@ -1,16 +1,25 @@
 """BLIP-2 (OPT or Flan-T5): the concept token is an extra output token of the vision encoder.
 
 The Q-Former's 32 queries then cross-attend to 257+k tokens. As in the official implementation, the concept vector
-is L2-normalized, and in every cross-attention layer the key/value of each concept token are rescaled to the mean
-norm of that image's keys/values, so the new token neither dominates nor vanishes. Samples of one batch may carry
-different numbers of concepts: the unused slots are masked out of the cross-attention. The regularizer is
-λ·mean(p²) over the queries' attention to the concept tokens, summed over cross-attention layers.
+is L2-normalized and passes the encoder's final LayerNorm, and in every cross-attention layer the key/value of each
+concept token are rescaled to the mean norm of that image's keys/values, so the new token neither dominates nor
+vanishes. Samples of one batch may carry different numbers of concepts: the unused slots are masked out of the
+cross-attention. The regularizer is λ·mean(p²) over the queries' attention to the concept tokens, summed over
+cross-attention layers.
+
+Cached training: the vision encoder is frozen and runs before the concept enters, so its outputs are computed once
+per image view (`cache_views`) and each step runs only the Q-Former and the LLM (`cached_loss`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from PIL import Image
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
 from myvlm.backends.base import CAPTION, VQA, Backend, Batch, normalized
 
@@ -32,9 +41,7 @@ class Blip2Backend(Backend):
 
     def _register_hooks(self) -> None:
         self._handles.append(self.model.vision_model.register_forward_hook(self._append_concepts))
-        self._handles.append(
-            self.model.qformer.register_forward_pre_hook(self._mask_unused_slots, with_kwargs=True)
-        )
+        self._handles.append(self.model.qformer.register_forward_pre_hook(self._mask_unused_slots, with_kwargs=True))
         for layer in self.model.qformer.encoder.layer:
             if not getattr(layer, "has_cross_attention", False):
                 continue
@@ -75,6 +82,30 @@ class Blip2Backend(Backend):
             inputs["labels"] = self.pad(label_rows, -100, left=False)
         return Batch(inputs, prompt_lengths, [[] for _ in rows])
 
+    # --- cached training -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def cache_views(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """The vision encoder's output per image, [257, W]."""
+        pixels = self.pixel_values(images).to(self.device, self.dtype)
+        with self.hooks_off():
+            return list(self.model.vision_model(pixel_values=pixels).last_hidden_state)
+
+    def cached_loss(self, batch: Batch, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """HF's image-feature path (Q-Former, projection) from cached vision states, through the same hooks."""
+        vision = BaseModelOutputWithPooling(last_hidden_state=torch.stack(list(views)))
+        vision = self._append_concepts(self.model.vision_model, (), vision) or vision
+        states = vision.last_hidden_state
+        qformer = self.model.qformer(
+            query_embeds=self.model.query_tokens.expand(states.shape[0], -1, -1),
+            encoder_hidden_states=states,
+            encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long, device=states.device),
+            return_dict=True,
+        )
+        features = self.model.language_projection(qformer.last_hidden_state.to(states.dtype))
+        image = BaseModelOutputWithVisionQformerOutputs(pooler_output=features, qformer_outputs=qformer)
+        inputs = {k: v.to(self.device) for k, v in batch.inputs.items() if k != "pixel_values"}
+        return self.model(pixel_values=None, mm_encoder_outputs={"image": image}, **inputs, use_cache=False).loss
+
     # --- hooks ---------------------------------------------------------------------------------------------------
     def _append_concepts(self, module, args, output):
         """Vision encoder output [B, 257, W] -> [B, 257+k_max, W]; unused slots are zeros, masked in the Q-Former."""
@@ -84,9 +115,12 @@ class Blip2Backend(Backend):
         self._n_image_tokens = hidden.shape[1]
         k_max = max(len(v) for v in self.injection.vectors)
         slots = hidden.new_zeros(hidden.shape[0], k_max, hidden.shape[2])
+        # As in the official code, the concept enters before the encoder's final LayerNorm (it is inserted at the
+        # last layer's output), so it arrives at the scale of the image tokens.
+        post_layernorm = self.model.vision_model.post_layernorm
         for b, vectors in enumerate(self.injection.vectors):
             if len(vectors):
-                slots[b, : len(vectors)] = normalized(vectors).to(hidden.dtype)
+                slots[b, : len(vectors)] = post_layernorm(normalized(vectors).to(hidden.dtype))
         output.last_hidden_state = torch.cat([hidden, slots], dim=1)
         self._slot_mask = torch.tensor(
             [[1] * len(v) + [0] * (k_max - len(v)) for v in self.injection.vectors], device=hidden.device

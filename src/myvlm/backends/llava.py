@@ -4,18 +4,32 @@ Each detected concept gets one extra image-token position in `input_ids`; a hook
 the L2-normalized concept vector, rescaled to the mean norm of that image's tokens, so HF's own placeholder scatter
 puts it there. The regularizer is λ·mean(p²) over the concept token's own attention row, summed over LLM layers; it
 is computed from the layer inputs (queries/keys with RoPE) so fast attention kernels stay on.
+
+Cached training: every token before the concept token is causally independent of the concept vector, so its keys
+and values are computed once per image view without gradients (`cache_views`, lazily per prefix) and each step runs
+only the suffix (concept token, prompt, target) on top of them (`cached_loss`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
-from transformers import LlavaForConditionalGeneration, LlavaProcessor
+from transformers import DynamicCache, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from myvlm.backends.base import CAPTION, VQA, Backend, Batch, normalized
+
+
+@dataclass
+class LlavaView:
+    """One image's frozen work: its projected image tokens, and the LLM's keys/values of each prefix it was seen
+    with (keyed by prefix token ids and mask; training batches use one prefix per view)."""
+
+    image_tokens: torch.Tensor  # [N, D]
+    prefixes: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
 
 
 class LlavaBackend(Backend):
@@ -41,8 +55,10 @@ class LlavaBackend(Backend):
 
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
         if task == CAPTION:
-            instruction = f"Please caption this image of {' and '.join(identifiers)}." if identifiers else (
-                "Please caption this image."
+            instruction = (
+                f"Please caption this image of {' and '.join(identifiers)}."
+                if identifiers
+                else ("Please caption this image.")
             )
         else:
             instruction = question
@@ -73,18 +89,74 @@ class LlavaBackend(Backend):
             inputs["labels"] = self.pad(label_rows, -100, left)
         return Batch(inputs, prompt_lengths, [[p + s for p in pos] for pos, s in zip(positions, shifts, strict=True)])
 
+    # --- cached training -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def cache_views(self, images: Sequence[Image.Image]) -> list[LlavaView]:
+        pixels = self.pixel_values(images).to(self.device, self.dtype)
+        with self.hooks_off():
+            features = self.model.model.get_image_features(pixel_values=pixels).pooler_output
+        return [LlavaView(tokens) for tokens in features]
+
+    def cached_loss(self, batch: Batch, views: Sequence[LlavaView]) -> torch.Tensor:
+        """Split every row before the earliest concept token; the prefixes come from the views' caches."""
+        inputs = {k: v.to(self.device) for k, v in batch.inputs.items() if k != "pixel_values"}
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        split = min(rows[0] for rows in batch.concept_positions if rows)
+        prefixes = self._prefixes(ids[:, :split], mask[:, :split], views)
+        layers = zip(*prefixes, strict=True)  # per layer, each sample's (key, value)
+        cache = DynamicCache([tuple(torch.cat(kv) for kv in zip(*layer, strict=True)) for layer in layers])
+        # Image slots after the split (the concept tokens, or image tokens of a more left-padded row) get the rest
+        # of that sample's image sequence.
+        rests = []
+        for b, (view, vectors) in enumerate(zip(views, self.injection.vectors, strict=True)):
+            n_before = int((ids[b, :split] == self.image_token_id).sum())
+            rests.append(self._with_concepts(view.image_tokens, vectors)[n_before:])
+        suffix = ids[:, split:]
+        embeds = self.model.get_input_embeddings()(suffix)
+        slots = (suffix == self.image_token_id).unsqueeze(-1)
+        embeds = embeds.masked_scatter(slots, torch.cat(rests).to(embeds.dtype))
+        output = self.model(
+            inputs_embeds=embeds, attention_mask=mask, cache=cache, labels=inputs["labels"][:, split:], use_cache=True
+        )
+        return output.loss
+
+    @torch.no_grad()
+    def _prefixes(self, ids: torch.Tensor, mask: torch.Tensor, views: Sequence[LlavaView]) -> list[list]:
+        """Per sample, per layer, the (key, value) of its prefix [1, kv_heads, P, d]; missing ones in one pass."""
+        keys = [(tuple(i.tolist()), tuple(m.tolist())) for i, m in zip(ids, mask, strict=True)]
+        missing = {}
+        for b, (view, key) in enumerate(zip(views, keys, strict=True)):
+            if key not in view.prefixes:
+                missing.setdefault((id(view), key), b)
+        if missing:
+            rows = list(missing.values())
+            embeds = self.model.get_input_embeddings()(ids[rows])
+            slots = (ids[rows] == self.image_token_id).unsqueeze(-1)
+            image_rows = [views[b].image_tokens[: int(slots[i].sum())] for i, b in enumerate(rows)]
+            embeds = embeds.masked_scatter(slots, torch.cat(image_rows).to(embeds.dtype))
+            with self.hooks_off():
+                cache = self.model.model.language_model(
+                    inputs_embeds=embeds, attention_mask=mask[rows], use_cache=True
+                ).cache
+            for i, b in enumerate(rows):
+                views[b].prefixes[keys[b]] = [(lay.keys[i : i + 1], lay.values[i : i + 1]) for lay in cache.layers]
+        return [view.prefixes[key] for view, key in zip(views, keys, strict=True)]
+
     # --- hooks ---------------------------------------------------------------------------------------------------
     def _append_concepts(self, module, args, image_tokens: torch.Tensor):
         """[B, N, D] projected image tokens -> [1, Σ(N+k_i), D]: HF flattens the batch before scattering anyway."""
         if self.injection is None or not self.injection.any:
             return None
-        pieces = []
-        for sample_tokens, vectors in zip(image_tokens, self.injection.vectors, strict=True):
-            pieces.append(sample_tokens)
-            if len(vectors):
-                scale = sample_tokens.float().norm(dim=-1).mean()
-                pieces.append((normalized(vectors) * scale).to(sample_tokens.dtype))
+        pieces = [self._with_concepts(t, v) for t, v in zip(image_tokens, self.injection.vectors, strict=True)]
         return torch.cat(pieces).unsqueeze(0)
+
+    @staticmethod
+    def _with_concepts(sample_tokens: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """[N, D] image tokens -> [N+k, D]: the concept vectors, scaled to the mean norm of the image's tokens."""
+        if not len(vectors):
+            return sample_tokens
+        scale = sample_tokens.float().norm(dim=-1).mean()
+        return torch.cat([sample_tokens, (normalized(vectors) * scale).to(sample_tokens.dtype)])
 
     def _record_attention(self, attention, args, kwargs):
         """Attention probabilities of each concept token's row, from the layer's own q/k projections and RoPE."""
@@ -94,7 +166,12 @@ class LlavaBackend(Backend):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cos, sin = kwargs["position_embeddings"]
         mask2d = injection.batch.inputs["attention_mask"].to(hidden.device)
-        seq_len = hidden.shape[1]
+        # With a cached prefix (cached_loss), `hidden` holds only the suffix and earlier keys come from the cache,
+        # already rotated; batch positions stay in full-sequence coordinates.
+        cache = kwargs.get("cache")
+        past = cache.layers[attention.layer_idx].keys if cache is not None and cache.get_seq_length() else None
+        offset = 0 if past is None else past.shape[2]
+        seq_len = offset + hidden.shape[1]
         heads, kv_heads = attention.config.num_attention_heads, attention.config.num_key_value_heads
         head_dim = attention.head_dim
         terms = []
@@ -102,10 +179,13 @@ class LlavaBackend(Backend):
             # RoPE tables are [1, S, d] when every sample shares positions, else [B, S, d].
             cos_b, sin_b = (cos[b : b + 1], sin[b : b + 1]) if cos.shape[0] > 1 else (cos, sin)
             for row in rows:
-                q = attention.q_proj(hidden[b, row : row + 1]).view(1, 1, heads, head_dim).transpose(1, 2)
-                k = attention.k_proj(hidden[b, : row + 1]).view(1, row + 1, kv_heads, head_dim).transpose(1, 2)
-                q, _ = apply_rotary_pos_emb(q, q, cos_b[:, row : row + 1], sin_b[:, row : row + 1])
-                _, k = apply_rotary_pos_emb(k, k, cos_b[:, : row + 1], sin_b[:, : row + 1])
+                r = row - offset
+                q = attention.q_proj(hidden[b, r : r + 1]).view(1, 1, heads, head_dim).transpose(1, 2)
+                k = attention.k_proj(hidden[b, : r + 1]).view(1, r + 1, kv_heads, head_dim).transpose(1, 2)
+                q, _ = apply_rotary_pos_emb(q, q, cos_b[:, r : r + 1], sin_b[:, r : r + 1])
+                _, k = apply_rotary_pos_emb(k, k, cos_b[:, : r + 1], sin_b[:, : r + 1])
+                if past is not None:
+                    k = torch.cat([past[b : b + 1], k], dim=2)
                 k = repeat_kv(k, heads // kv_heads)
                 scores = (q @ k.transpose(-1, -2)).float() * attention.scaling  # [1, H, 1, row+1]
                 scores = scores.masked_fill(mask2d[b, : row + 1] == 0, float("-inf"))

@@ -1,0 +1,152 @@
+"""The command line: concept management on real photos, one-line errors, import, train/caption on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from myvlm.cli import main
+from myvlm.library import ConceptLibrary
+from tiny_vlms import photos, save, tiny_llava
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_photos = pytest.mark.skipif(not DATA.is_dir(), reason=f"real photos not found at {DATA}")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "myvlm.cli", *args], capture_output=True, text=True, timeout=600)
+
+
+@needs_photos
+def test_concept_add_list_detect_remove_on_real_photos(tmp_path, capsys):
+    library = str(tmp_path / "lib")
+    dog = sorted((DATA / "dreambooth" / "dog").glob("*.jpg"))
+    assert (
+        main(
+            [
+                "concept",
+                "add",
+                "Rex",
+                "--kind",
+                "object",
+                "--class-word",
+                "dog",
+                "--images",
+                *map(str, dog[:4]),
+                "--library",
+                library,
+            ]
+        )
+        == 0
+    )
+    assert main(["concept", "list", "--json", "--library", library]) == 0
+    listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert listed == [{"name": "Rex", "identifier": "Rex", "kind": "object", "class_word": "dog", "models": []}]
+    out = tmp_path / "detections.json"
+    scene = DATA / "negatives" / "giraffe.jpg"
+    assert main(["detect", str(dog[4]), str(scene), "--json", str(out), "--library", library]) == 0
+    detections = json.loads(out.read_text())
+    assert [d["image"] for d in detections] == [str(dog[4]), str(scene)]
+    assert [x["concept"] for x in detections[0]["detections"]] == ["Rex"]
+    assert detections[1]["detections"] == []
+    assert main(["concept", "remove", "Rex", "--library", library]) == 0
+    assert ConceptLibrary(library).concepts() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["concept", "add", "../evil", "--kind", "object", "--images", "x.jpg"], "may not contain path separators"),
+        (["concept", "add", "", "--kind", "object", "--images", "x.jpg"], "concept name is empty"),
+        (["concept", "add", "Rex", "--kind", "object", "--images", "missing.jpg"], "missing.jpg: no such file"),
+        (["concept", "remove", "Nobody"], "no concept named 'Nobody'"),
+        (["detect", "missing-folder"], "no concepts with heads"),
+        (["caption", "x.jpg", "--model", "/nonexistent/model"], "cannot load model"),
+    ],
+)
+def test_bad_input_is_one_line_error_with_nonzero_exit(tmp_path, args, message):
+    result = run_cli(*args, "--library", str(tmp_path / "lib"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("myvlm: error:") and message in lines[0], result.stderr
+
+
+def test_import_train_and_caption_with_a_local_model_folder(tmp_path, capsys):
+    vlm = tiny_llava()
+    model_dir = save(vlm, tmp_path / "tiny-llava")
+    library = str(tmp_path / "lib")
+    ConceptLibrary(library).create("Bobby", kind="object", class_word="dog")
+    checkpoint = tmp_path / "concept_embeddings_llava_captioning.pt"
+    vector = torch.randn(1, vlm.concept_width)
+    torch.save({99: {"keys": torch.randn(1, 8), "values": vector}}, checkpoint)
+    assert main(["import", str(checkpoint), "--concept", "Bobby", "--model", str(model_dir), "--library", library]) == 0
+    stored = ConceptLibrary(library).load_embedding("Bobby", str(model_dir.resolve()), vlm.concept_width)
+    assert torch.equal(stored, vector[0])
+
+    folder = tmp_path / "bobby"
+    folder.mkdir()
+    for index, image in enumerate(photos(4)):
+        image.save(folder / f"{index}.png")
+    (folder / "captions.json").write_text(json.dumps({f"{i}.png": [f"Bobby is on the sofa {i} ."] for i in range(4)}))
+    assert (
+        main(
+            [
+                "train",
+                "Bobby",
+                "--model",
+                str(model_dir),
+                "--captions",
+                str(folder / "captions.json"),
+                "--steps",
+                "3",
+                "--library",
+                library,
+            ]
+        )
+        == 0
+    )
+    entry = ConceptLibrary(library).get("Bobby").embeddings[str(model_dir.resolve())]
+    assert entry["steps"] == 3 and entry["source"] == "myvlm"
+
+    report = tmp_path / "report.html"
+    out = tmp_path / "captions.json"
+    assert (
+        main(
+            [
+                "caption",
+                str(folder),
+                "--model",
+                str(model_dir),
+                "--json",
+                str(out),
+                "--report",
+                str(report),
+                "--library",
+                library,
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())
+    assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "2.png", "3.png"]
+    assert all(r["concepts"] == [] for r in rows)  # this concept has no head: nothing is detected
+    assert "<img src='data:image/png;base64," in report.read_text()
+
+
+def test_html_report_escapes_captions_and_file_names(tmp_path):
+    from myvlm.report import write_report
+
+    path = write_report(
+        tmp_path / "r.html",
+        "t<script>",
+        ["caption"],
+        [(photos(1)[0], "<img onerror=x>.png", ["<script>alert(1)</script>"], True)],
+    )
+    text = path.read_text()
+    assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<img onerror" not in text

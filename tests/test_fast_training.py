@@ -1,0 +1,93 @@
+"""Cached training computes exactly what the full forward/backward computes: loss, regularizer and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from myvlm.training import Example, TrainingConfig, learn_concept
+from tiny_vlms import photos, tiny_blip2, tiny_llava
+
+MAKERS = {"llava": tiny_llava, "blip2-opt": lambda: tiny_blip2("opt"), "blip2-t5": lambda: tiny_blip2("t5")}
+
+
+def loss_reg_grad(vlm, batch, views=None):
+    """(cross-entropy, regularizer, gradient of their sum) for concept 'bobby' on every sample of `batch`."""
+    vector = torch.nn.Parameter(torch.randn(vlm.concept_width, generator=torch.Generator().manual_seed(0)))
+    vlm.add_concept("bobby", "Bobby", vector.detach()).vector = vector
+    with vlm.activate([["bobby"]] * len(batch.prompt_lengths), record_attention=True) as injection:
+        injection.batch = batch
+        loss = vlm.backend.loss(batch) if views is None else vlm.backend.cached_loss(batch, views)
+        reg = vlm.backend.regularizer("vqa")  # the larger λ, so the regularizer weighs in the gradient
+    (loss + reg).backward()
+    return loss.detach(), reg.detach(), vector.grad
+
+
+def mixed_batch(vlm, left_padded=False):
+    """Caption and VQA samples with different prompts and target lengths."""
+    backend = vlm.backend
+    prompts = [backend.prompt("caption", ["Bobby"]), backend.prompt("vqa", question="What is Bobby doing ?"),
+               backend.prompt("vqa", question="Where is Bobby ?")]
+    targets = ["Bobby is sleeping on the sofa .", "sitting", "on the red table ."]
+    if not left_padded:
+        return backend.encode(photos(3), prompts, [1, 1, 1], targets)
+    # Left padding (as for generation), with labels on the last three tokens of each row.
+    batch = backend.encode(photos(3), prompts, [1, 1, 1])
+    labels = batch.inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    batch.inputs["labels"] = labels
+    return batch
+
+
+@pytest.mark.parametrize("family", list(MAKERS))
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_cached_step_equals_full_step(family, attention):
+    vlm = MAKERS[family]()
+    vlm.model.set_attn_implementation(attention)
+    if family != "llava":
+        with torch.no_grad():  # non-uniform Q-Former attention, so the regularizer is not trivial
+            vlm.model.query_tokens.normal_(0, 1.0)
+    batch = mixed_batch(vlm)
+    reference = loss_reg_grad(vlm, batch)
+    fast = loss_reg_grad(vlm, batch, vlm.backend.cache_views(photos(3)))
+    assert reference[1] > 0 and reference[2].norm() > 0
+    for ours, theirs in zip(fast, reference, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_llava_cached_step_with_left_padding_and_reused_views():
+    vlm = tiny_llava()
+    batch = mixed_batch(vlm, left_padded=True)
+    assert len({rows[0] for rows in batch.concept_positions}) > 1  # rows split at different places
+    reference = loss_reg_grad(vlm, batch)
+    views = vlm.backend.cache_views(photos(3))
+    loss_reg_grad(vlm, batch, views)  # fills the prefix caches
+    assert all(len(view.prefixes) == 1 for view in views)
+    for ours, theirs in zip(loss_reg_grad(vlm, batch, views), reference, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2-opt"])
+def test_fast_loop_without_augmentation_follows_the_reference_loop(family):
+    vlm = MAKERS[family]()
+    images = photos(2)
+    examples = [Example(0, ("Bobby is on the sofa .", "Bobby .")), Example(1, ("Bobby is sleeping .",)),
+                Example(1, ("sitting",), question="What is Bobby doing ?")]
+    config = TrainingConfig(steps=3, batch_size=3, augment=False)
+    reference = learn_concept(vlm, "bobby", "Bobby", images, examples, config, views_per_image=None, progress=False)
+    fast = learn_concept(vlm, "bobby", "Bobby", images, examples, config, progress=False)
+    torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.vector, reference.vector, rtol=1e-4, atol=1e-6)
+
+
+def test_fast_loop_with_view_pool_runs_end_to_end():
+    vlm = tiny_llava()
+    seen = []
+    result = learn_concept(
+        vlm, "bobby", "Bobby", photos(2), [Example(0, ("Bobby is on the sofa .",)), Example(1, ("Bobby .",))],
+        TrainingConfig(steps=4, batch_size=3), views_per_image=2, progress=False,
+        on_step=lambda step, loss, vector: seen.append(step),
+    )
+    assert result.steps_done == 4 and seen == [0, 1, 2, 3] and result.stopped_early is None
+    assert torch.equal(vlm.concepts["bobby"].vector, result.vector)
+    assert all(torch.isfinite(torch.tensor(result.losses)))
