@@ -1,0 +1,188 @@
+"""Toy world: deterministic scenes whose captions match their scene graphs, the export layout, and the packaged VLMs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from myvlm import toyworld
+from myvlm.toyworld import models as tw_models
+from myvlm.toyworld.world import COLORS, SceneObject, _mask
+
+
+def test_rendering_is_deterministic_and_seed_dependent():
+    a = np.asarray(toyworld.render_scene(toyworld.sample_scene(5)))
+    b = np.asarray(toyworld.render_scene(toyworld.sample_scene(5)))
+    c = np.asarray(toyworld.render_scene(toyworld.sample_scene(6)))
+    assert a.shape == (64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert toyworld.sample_scene(5) == toyworld.sample_scene(5)
+
+
+def test_scene_graph_matches_pixels_and_caption():
+    for seed in range(200):
+        scene = toyworld.sample_scene(seed)
+        assert 1 <= len(scene.objects) <= 3
+        masks = [_mask(o) for o in scene.objects]
+        assert not any((masks[i] & masks[j]).any() for i in range(len(masks)) for j in range(i))
+        pixels = np.asarray(toyworld.render_scene(scene)).astype(int)
+        for obj, mask in zip(scene.objects, masks, strict=True):
+            if obj.texture == "plain" and obj.shape != "figure":  # a plain object is drawn in exactly its colour
+                assert (np.abs(pixels[mask] - COLORS[obj.color]).sum(-1) == 0).all()
+        text = toyworld.caption(scene)
+        correct, total = toyworld.caption_attribute_accuracy(text, scene)
+        assert correct == total, (text, scene)
+        assert text[0].isupper() and text.endswith(f" on {scene.background}.")
+        named = toyworld.with_names(scene, {0: "Bobby"})
+        named_text = toyworld.caption(named)
+        assert named_text.startswith("Bobby is") or named_text.startswith("Bobby and")
+        assert toyworld.caption_attribute_accuracy(named_text, named) == (total, total) or len(scene.objects) == 1
+
+
+def test_caption_scoring_penalises_wrong_attributes():
+    obj = SceneObject("circle", "red", "small", "plain", 16, 30, 15)
+    other = SceneObject("square", "blue", "large", "striped", 45, 30, 25)
+    scene = toyworld.Scene("grass", (obj, other), 0)
+    assert toyworld.caption(scene) == "A small red circle left of a large blue striped square on grass."
+    assert toyworld.caption_attribute_accuracy(toyworld.caption(scene), scene) == (10, 10)
+    assert toyworld.caption_attribute_accuracy("A small green circle right of a large blue square on sand.",
+                                               scene) == (6, 10)
+    assert toyworld.caption_attribute_accuracy("Bobby is left of a large blue striped square on grass.", scene,
+                                               {"Bobby": 0}) == (10, 10)
+    assert toyworld.caption_attribute_accuracy("A small red circle on grass.", scene) == (5, 10)
+
+
+def test_vqa_answers_follow_the_scene_graph():
+    rng = np.random.default_rng(0)
+    for seed in range(50):
+        scene = toyworld.sample_scene(seed)
+        pairs = dict(toyworld.vqa_pairs(scene, rng))
+        assert pairs["How many objects are there?"] == ("one", "two", "three")[len(scene.objects) - 1]
+        for obj in scene.objects:
+            if f"What color is the {obj.shape}?" in pairs:
+                assert pairs[f"What color is the {obj.shape}?"] == obj.color
+
+
+def test_pretraining_never_contains_a_personal_concept():
+    tokenizer = tw_models.build_tokenizer()
+    for name in tw_models.MODEL_NAMES:
+        rng = np.random.default_rng(1)
+        for seed in range(300):
+            scene, turns = tw_models._sample(rng, seed, name)
+            assert all(o.mark is None and o.concept is None for o in scene.objects)
+        assert len(tokenizer) <= 2048
+    concept = toyworld.make_concepts(1)[0]
+    scene = toyworld.sample_scene(3, concepts=(concept,))
+    assert sum(o.mark == concept.mark for o in scene.objects) == 1
+    assert toyworld.caption(scene).startswith(concept.identifier)
+
+
+def test_tokenizer_decodes_natural_text_and_knows_names():
+    tokenizer = tw_models.build_tokenizer()
+    text = "Bobby is left of a blue striped square on grass."
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
+    for name in toyworld.NAMES:
+        assert len(tokenizer(f" {name}", add_special_tokens=False)["input_ids"]) <= 2
+
+
+def test_export_layout(tmp_path):
+    out = toyworld.export_dataset(tmp_path / "data", n_concepts=2, seed=0)
+    index = json.loads((out / "concepts.json").read_text())["concepts"]
+    graphs = json.loads((out / "scene_graphs.json").read_text())
+    idents = [c["identifier"] for c in index]
+    assert len(set(idents)) == 2 and all(i in toyworld.NAMES for i in idents)
+    for c in index:
+        ident = c["identifier"]
+        for folder, count, personalized in ((ident, 4, True), (f"{ident}/positives", 20, True),
+                                            (f"{ident}/hard_negatives", 10, False)):
+            captions = json.loads((out / folder / "captions.json").read_text())
+            assert sorted(captions) == sorted(p.name for p in (out / folder).glob("*.png"))
+            assert len(captions) == count
+            for file, caps in captions.items():
+                assert (ident in caps[0]) == personalized
+                scene = toyworld.Scene.from_dict(graphs[f"{folder}/{file}"])
+                correct, total = toyworld.caption_attribute_accuracy(caps[0], scene)
+                assert correct == total
+                marked = [o for o in scene.objects if o.mark == c["mark"]]
+                assert len(marked) == int(personalized)
+                if not personalized:  # hard negative: same shape and colour, no mark
+                    assert any(o.shape == c["shape"] and o.color == c["color"] for o in scene.objects)
+    negatives = json.loads((out / "negatives" / "captions.json").read_text())
+    assert negatives and not any(i in cap for caps in negatives.values() for cap in caps for i in idents)
+    pairs = json.loads((out / "two_concepts" / "captions.json").read_text())
+    assert all(all(i in caps[0] for i in idents) for caps in pairs.values())
+    again = toyworld.export_dataset(tmp_path / "again", n_concepts=2, seed=0)
+    assert (again / "scene_graphs.json").read_bytes() == (out / "scene_graphs.json").read_bytes()
+
+
+def test_processor_pixels_match_training_pixels():
+    from transformers import AutoProcessor
+
+    image = toyworld.render_scene(toyworld.sample_scene(1))
+    for name in tw_models.MODEL_NAMES:
+        processor = AutoProcessor.from_pretrained(toyworld.model_path(name))
+        got = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+        assert torch.allclose(got, tw_models.pixels([image]), atol=1e-6)
+
+
+def test_llava_prompt_tokens_match_pretraining():
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(toyworld.model_path("toy-llava"))
+    image = toyworld.render_scene(toyworld.sample_scene(1))
+    prompt = toyworld.llava_prompt("Please caption this image of Bobby.")
+    ids = processor(images=[image], text=[prompt], return_tensors="pt")["input_ids"][0].tolist()
+    expanded = prompt.replace("<image>", "<image>" * tw_models.NUM_PATCHES)
+    assert ids == processor.tokenizer(expanded)["input_ids"]
+    assert ids.count(tw_models.IMAGE_ID) == tw_models.NUM_PATCHES
+
+
+@pytest.mark.parametrize("name,model_type", [("toy-llava", "llava"), ("toy-blip2", "blip-2")])
+def test_packaged_model_loads_and_captions_held_out_scenes(name, model_type):
+    from transformers import AutoConfig
+
+    path = toyworld.model_path(name)
+    assert AutoConfig.from_pretrained(path).model_type == model_type
+    torch.manual_seed(0)
+    model, processor = toyworld.load(name)
+    scenes = toyworld.held_out_scenes(8, offset=5000)
+    captions = toyworld.generate(model, processor, [toyworld.render_scene(s) for s in scenes])
+    scores = [toyworld.caption_attribute_accuracy(c, s) for c, s in zip(captions, scenes, strict=True)]
+    accuracy = sum(c for c, _ in scores) / sum(t for _, t in scores)
+    # regression guard, not the target: the shipped models score ~0.75 on 100 held-out scenes (target 0.95)
+    assert accuracy >= 0.6, list(zip(captions, [toyworld.caption(s) for s in scenes], strict=True))
+    assert all(c.endswith(".") for c in captions)
+    inputs = processor(images=[toyworld.render_scene(scenes[0])], text=[
+        toyworld.llava_prompt("Please caption this image.") if name == "toy-llava" else ""], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs, output_attentions=True)
+    attentions = out.attentions if name == "toy-llava" else out.language_model_outputs.attentions
+    assert attentions and torch.allclose(attentions[0].sum(-1), torch.ones(()), atol=1e-4)
+
+
+def test_packaged_weights_are_small():
+    total = sum(p.stat().st_size for n in tw_models.MODEL_NAMES for p in toyworld.model_path(n).glob("*.safetensors"))
+    assert 0 < total <= 25 * 1024 * 1024
+
+
+def test_build_is_bit_for_bit_reproducible(tmp_path):
+    digests = []
+    for run in ("a", "b"):
+        out = toyworld.build_model("toy-blip2", tmp_path / run, seed=3, progress=False, steps=2, threads=1)
+        digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+
+
+def test_llava_names_the_object_in_the_concept_slot():
+    model, processor = toyworld.load("toy-llava")
+    for scene in toyworld.held_out_scenes(3, offset=7000):
+        image = toyworld.render_scene(scene)
+        slot = toyworld.reference_vector(model, image, scene.objects[0])
+        text = toyworld.generate_with_slots(model, processor, image, [slot], toyworld.caption_prompt(["Bobby"]))
+        assert text.startswith("Bobby is "), text
