@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,10 +29,20 @@ def _load_images(paths, *, skip_bad: bool):
         except MyVLMError as error:
             if not skip_bad:
                 raise
-            print(f"myvlm: skipping {error}", file=sys.stderr)
+            print(f"myvlm: skipping {one_line(error)}", file=sys.stderr)
     if not images:
         raise MyVLMError("none of the given images could be read")
     return images, names
+
+
+def _use_library(vlm, args) -> list[str]:
+    """Load the library's concepts into the model, saying which ones it cannot use rather than dropping them quietly."""
+    library = _library(args)
+    loaded = vlm.use_library(library)
+    untrained = [c.name for c in library.concepts() if c.name not in loaded]
+    if untrained:
+        print(f"myvlm: note: not trained for {vlm.model_id}, not recognized: {', '.join(untrained)}", file=sys.stderr)
+    return loaded
 
 
 def _write_json(path: str, obj) -> None:
@@ -83,8 +94,12 @@ def cmd_concept_list(args) -> None:
         return
     if not rows:
         print(f"no concepts in {_library(args).root}")
-    for row in rows:
-        models = ", ".join(row["models"]) or "no embeddings yet"
+    for row, concept in zip(rows, concepts, strict=True):
+        models = ", ".join(
+            m if entry.get("complete", True) else f"{m} (interrupted at step {entry.get('steps')}; --resume)"
+            for m, entry in sorted(concept.embeddings.items())
+        )
+        models = models or "no embeddings yet"
         print(
             f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} class={row['class_word']}  {models}"
         )
@@ -127,7 +142,7 @@ def cmd_caption(args) -> None:
     from myvlm.model import load
 
     vlm = load(args.model)
-    loaded = vlm.use_library(_library(args))
+    loaded = _use_library(vlm, args)
     images, names = _load_images(args.images, skip_bad=True)
     captions = vlm.caption(images, batch_size=args.batch_size, progress=True)
     results = [
@@ -158,7 +173,7 @@ def cmd_ask(args) -> None:
     from myvlm.model import load
 
     vlm = load(args.model)
-    vlm.use_library(_library(args))
+    _use_library(vlm, args)
     answer = vlm.ask(load_image(args.image), args.question)
     print(answer.text)
 
@@ -175,6 +190,7 @@ def cmd_train(args) -> None:
         images=args.images,
         steps=args.steps,
         seed=args.seed,
+        resume=args.resume,
     )
 
 
@@ -209,6 +225,13 @@ def cmd_toyworld_build(args) -> None:
 
     out = build_model(args.model, args.out, seed=args.seed)
     print(f"built {args.model} into {out}")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,13 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--task", choices=["caption", "vqa"], default="caption")
     train.add_argument("--images", nargs="+", help="training photos (default: a concept folder given by --captions)")
     train.add_argument("--captions", help="captions.json (image name -> captions), in the concept's photo folder")
-    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--steps", type=positive_int, default=100)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue an interrupted training (Ctrl-C, crash)")
 
     caption = with_library(add("caption", cmd_caption, "caption photos, naming the concepts found in them"))
     caption.add_argument("images", nargs="+")
     caption.add_argument("--model", required=True)
-    caption.add_argument("--batch-size", type=int, default=8)
+    caption.add_argument("--batch-size", type=positive_int, default=8)
     caption.add_argument("--json", help="write [{image, concepts, caption}] to this file")
     caption.add_argument("--report", help="write an HTML report")
 
@@ -290,16 +314,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: BaseException) -> str:
+    """A message on one line, even when it quotes a file name or a caption with a line break in it."""
+    return " ".join(str(error).splitlines())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.handler(args)
     except MyVLMError as error:
-        print(f"myvlm: error: {error}", file=sys.stderr)
+        print(f"myvlm: error: {one_line(error)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("myvlm: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"myvlm: interrupted{'; ' + one_line(interrupt) if str(interrupt) else ''}", file=sys.stderr)
         return 130
+    except Exception as error:  # a bug or an unforeseen failure: still one line, the traceback on request
+        if os.environ.get("MYVLM_DEBUG"):
+            raise
+        print(
+            f"myvlm: internal error: {type(error).__name__}: {one_line(error)[:300]} (set MYVLM_DEBUG=1 for details)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

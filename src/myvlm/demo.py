@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from myvlm.errors import MyVLMError
 
@@ -46,7 +47,10 @@ def run_demo(
     say = lambda text: print(text, file=out, flush=True)  # noqa: E731
     vlm = load(model)
     data = concept_data(
-        n_concepts=concept_index + 1, seed=seed, n_positives=n_positives, n_negatives=n_negatives,
+        n_concepts=concept_index + 1,
+        seed=seed,
+        n_positives=n_positives,
+        n_negatives=n_negatives,
         n_hard_negatives=n_hard_negatives,
     )[concept_index]
     concept, identifier = data.concept, data.concept.identifier
@@ -59,8 +63,9 @@ def run_demo(
 
     say(f"2/4 embedding: {steps} steps on {len(train_images)} photos")
     captions = [[e.caption] for e in data.train]
-    result = learn_concept(vlm, identifier, identifier, train_images, caption_examples(captions),
-                           TrainingConfig(steps=steps, seed=seed))
+    result = learn_concept(
+        vlm, identifier, identifier, train_images, caption_examples(captions), TrainingConfig(steps=steps, seed=seed)
+    )
     if result.stopped_early:
         raise MyVLMError(f"training stopped early: {result.stopped_early}")
 
@@ -84,18 +89,18 @@ def run_demo(
         sum(h and p for h, p in zip(head_hits, is_positive, strict=True)) / sum(head_hits) if any(head_hits) else 0.0
     )
 
-    def attribute_accuracy(texts, names):
+    def attribute_accuracy(texts) -> float:
+        """Attribute slots right against each scene graph; the identifier counts as naming the concept object."""
         correct = total = 0
         for text, example in zip(texts, examples, strict=True):
+            index = next((i for i, o in enumerate(example.scene.objects) if o.concept == identifier), None)
+            names = {} if index is None else {identifier: index}
             c, t = caption_attribute_accuracy(text, example.scene, names)
             correct, total = correct + c, total + t
         return correct / total
 
-    concept_object = {identifier: next(i for i, o in enumerate(e.scene.objects) if o.concept) for e in positives[:1]}
-    base_attributes = attribute_accuracy([c.text for c in base], {})
-    personal_attributes = attribute_accuracy(
-        [c.text for c in personal], None if concept_object else {}
-    )
+    base_attributes = attribute_accuracy([c.text for c in base])
+    personal_attributes = attribute_accuracy([c.text for c in personal])
     metrics = {
         "model": model,
         "concept": identifier,
@@ -111,8 +116,16 @@ def run_demo(
         "seconds": round(time.perf_counter() - started, 1),
     }
     say("")
-    for key in ("recall", "precision", "preservation", "head_recall", "head_precision", "base_attribute_accuracy",
-                "personalized_attribute_accuracy", "seconds"):
+    for key in (
+        "recall",
+        "precision",
+        "preservation",
+        "head_recall",
+        "head_precision",
+        "base_attribute_accuracy",
+        "personalized_attribute_accuracy",
+        "seconds",
+    ):
         say(f"  {key:<32} {metrics[key]}")
     say("")
     for index in [0, 1, len(positives), len(examples) - 1]:
@@ -121,18 +134,26 @@ def run_demo(
         say(f"  {' ' * len(kind)}   personalized: {personal[index].text}")
     if json_path:
         from myvlm.storage import write_json_atomic
-        from pathlib import Path
 
         write_json_atomic(Path(json_path), metrics)
     if report_path:
         from myvlm.report import write_report
 
         rows = [
-            (e.image, ("concept photo" if p else "negative") + (" · head fired" if f else ""),
-             [b.text, c.text], identifier in c.text)
+            (
+                e.image,
+                ("concept photo" if p else "negative") + (" · head fired" if f else ""),
+                [b.text, c.text],
+                identifier in c.text,
+            )
             for e, p, f, b, c in zip(examples, is_positive, fired, base, personal, strict=True)
         ]
-        write_report(report_path, f"myvlm demo — {identifier} on {model}", ["base caption", "personalized caption"],
-                     rows, metrics)
+        write_report(
+            report_path,
+            f"myvlm demo — {identifier} on {model}",
+            ["base caption", "personalized caption"],
+            rows,
+            metrics,
+        )
         say(f"report: {report_path}")
     return metrics

@@ -14,19 +14,24 @@ from myvlm.errors import MyVLMError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000  # larger than any camera photo; beyond it we suspect a decompression bomb
+# VLM processors resize every photo to their own input size (224-448 px), so small photos are upscaled and work;
+# under 8 px a side there is no content left to recognize, so that is refused rather than silently captioned.
 MIN_SIDE = 8
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open an image as 8-bit RGB, applying EXIF rotation and taking the first frame of animations."""
     path = Path(path)
-    if not path.exists():
-        raise MyVLMError(f"{path}: no such file")
-    if path.is_dir():
-        raise MyVLMError(f"{path}: is a folder, not an image")
     try:
+        if not path.exists():
+            raise MyVLMError(f"{path}: no such file")
+        if path.is_dir():
+            raise MyVLMError(f"{path}: is a folder, not an image")
+        if not path.is_file():  # a FIFO or device would block or stream forever
+            raise MyVLMError(f"{path}: not a regular file")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data" and the like: the pixels still load
             with Image.open(path) as image:
                 if image.width * image.height > MAX_PIXELS:
                     raise MyVLMError(
@@ -34,16 +39,21 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                     )
                 image.seek(0)
                 image.load()
-                image = ImageOps.exif_transpose(image)
-                return to_rgb(image)
+                image = to_rgb(ImageOps.exif_transpose(image))
     except MyVLMError:
         raise
     except PermissionError:
         raise MyVLMError(f"{path}: permission denied") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise MyVLMError(f"{path}: not a readable image ({type(error).__name__})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as error:
-        raise MyVLMError(f"{path}: corrupt or truncated image ({error})") from None
+    except UnidentifiedImageError:
+        raise MyVLMError(f"{path}: not an image (or a format Pillow cannot read)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MyVLMError(f"{path}: image dimensions are too large (possible decompression bomb)") from None
+    except Exception as error:  # noqa: BLE001 - Pillow's decoders raise many types (struct.error, IndexError, ...)
+        detail = (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+        raise MyVLMError(f"{path}: corrupt or truncated image ({detail})") from None
+    if min(image.size) < MIN_SIDE:
+        raise MyVLMError(f"{path}: image is {image.width}x{image.height}, too small (under {MIN_SIDE} px on a side)")
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -57,23 +67,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
-    image = image.convert("RGB")
-    if min(image.size) < MIN_SIDE:
-        raise MyVLMError(f"image is {image.width}x{image.height}: too small (under {MIN_SIDE} px on a side)")
-    return image
+    return image.convert("RGB")
 
 
 def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (non-recursive folders, sorted) into image paths; an empty result is an error."""
+    """Expand files and folders (non-recursive folders, sorted) into image paths; an empty result is an error.
+
+    Named files are kept even when missing or unreadable, so that load_image reports each one by name."""
+    paths = [Path(raw) for raw in paths]
     found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
+    for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()))
-        elif path.exists():
-            found.append(path)
+            try:
+                found.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()))
+            except OSError as error:
+                raise MyVLMError(f"{path}: cannot list folder ({error.strerror or error})") from None
         else:
-            raise MyVLMError(f"{path}: no such file or folder")
+            found.append(path)
     if not found:
         raise MyVLMError(f"no images found in {', '.join(str(p) for p in paths)}")
     return found

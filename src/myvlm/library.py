@@ -10,6 +10,7 @@ A new concept is built in a hidden temporary folder and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -72,27 +73,41 @@ class Concept:
 
     @classmethod
     def from_manifest(cls, obj: dict, where: Path) -> Concept:
+        """Check every field, so a hand-edited or damaged manifest fails here and not deep inside a model."""
         if obj.get("format") != FORMAT:
             raise MyVLMError(f"{where}: not a myvlm concept manifest (format {obj.get('format')!r})")
+        missing = [key for key in ("name", "identifier", "kind", "created") if key not in obj]
+        if missing:
+            raise MyVLMError(f"{where}: corrupted manifest (missing {', '.join(missing)})")
+        concept = cls(
+            name=obj["name"],
+            identifier=obj["identifier"],
+            kind=obj["kind"],
+            class_word=obj.get("class_word"),
+            created=obj["created"],
+            head=obj.get("head"),
+            embeddings=obj.get("embeddings") or {},
+        )
         try:
-            concept = cls(
-                name=obj["name"],
-                identifier=obj["identifier"],
-                kind=obj["kind"],
-                class_word=obj.get("class_word"),
-                created=obj["created"],
-                head=obj.get("head"),
-                embeddings=dict(obj.get("embeddings") or {}),
-            )
-        except (KeyError, TypeError) as error:
-            raise MyVLMError(f"{where}: corrupted manifest (missing {error})") from None
+            if check_name(concept.name) != where.parent.name:
+                raise MyVLMError(f"name '{concept.name}' does not match its folder")
+            check_name(concept.identifier, "identifier")
+        except MyVLMError as error:
+            raise MyVLMError(f"{where}: corrupted manifest ({error})") from None
         if concept.kind not in KINDS:
             raise MyVLMError(f"{where}: corrupted manifest (kind {concept.kind!r})")
+        if not isinstance(concept.head, dict | None) or not isinstance(concept.class_word, str | None):
+            raise MyVLMError(f"{where}: corrupted manifest (head or class_word has the wrong type)")
+        entries = concept.embeddings
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+            raise MyVLMError(f"{where}: corrupted manifest (embeddings must map model ids to objects)")
         return concept
 
 
 class ConceptLibrary:
     """A folder of concepts, defaulting to $MYVLM_HOME or ~/.myvlm."""
+
+    lock_timeout = 60.0  # seconds to wait for another process's write (a training saves within milliseconds)
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_library_path()
@@ -106,21 +121,30 @@ class ConceptLibrary:
             raise MyVLMError(f"concept name '{name}' points outside the library")
         return folder
 
-    def concepts(self) -> list[Concept]:
+    def _file(self, name: str, filename: str) -> Path:
+        """A concept's file; symbolic links are refused so that nothing outside the library is ever read."""
+        path = self._folder(name) / filename
+        if path.is_symlink():
+            raise MyVLMError(f"{path}: is a symbolic link; a library only reads its own files")
+        return path
+
+    def _concept_folders(self) -> list[Path]:
+        """Visible real folders; hidden ones are temporaries of a writer (possibly killed) and never concepts."""
         if not self.root.is_dir():
             return []
-        found = []
-        for folder in sorted(self.root.iterdir()):
-            if folder.is_dir() and not folder.name.startswith(".") and (folder / MANIFEST).is_file():
-                found.append(Concept.from_manifest(read_json(folder / MANIFEST), folder / MANIFEST))
-        return found
+        with explain_os_errors(self.root):
+            entries = sorted(self.root.iterdir())
+        return [f for f in entries if not f.name.startswith(".") and f.is_dir() and not f.is_symlink()]
+
+    def concepts(self) -> list[Concept]:
+        return [self.get(folder.name) for folder in self._concept_folders() if (folder / MANIFEST).is_file()]
 
     def get(self, name: str) -> Concept:
-        folder = self._folder(name)
-        if not (folder / MANIFEST).is_file():
+        manifest = self._file(name, MANIFEST)
+        if not manifest.is_file():
             known = ", ".join(c.name for c in self.concepts()) or "none"
             raise MyVLMError(f"no concept named '{name}' in {self.root} (known: {known})")
-        return Concept.from_manifest(read_json(folder / MANIFEST), folder / MANIFEST)
+        return Concept.from_manifest(read_json(manifest), manifest)
 
     def __contains__(self, name: str) -> bool:
         return (self._folder(name) / MANIFEST).is_file()
@@ -131,7 +155,12 @@ class ConceptLibrary:
         concept = self.get(name)
         if concept.head is None:
             return None
-        return head_from_state(concept.head, read_tensors(self._folder(name) / HEAD))
+        path = self._file(name, HEAD)
+        tensors = read_tensors(path)
+        try:
+            return head_from_state(concept.head, tensors)
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise MyVLMError(f"{path}: corrupted concept head ({type(error).__name__}: {error})") from None
 
     def load_embedding(self, name: str, model_id: str, width: int | None = None) -> torch.Tensor | None:
         """The concept's vector for `model_id`, or None if it was never trained for that model."""
@@ -139,7 +168,7 @@ class ConceptLibrary:
         entry = concept.embeddings.get(model_id)
         if entry is None:
             return None
-        tensors = read_tensors(self._folder(name) / EMBEDDINGS)
+        tensors = read_tensors(self._file(name, EMBEDDINGS))
         if model_id not in tensors:
             raise MyVLMError(f"concept '{name}': embeddings file lacks the vector for {model_id} (corrupted)")
         vector = tensors[model_id].float().reshape(-1)
@@ -155,15 +184,30 @@ class ConceptLibrary:
     def _lock(self) -> FileLock:
         with explain_os_errors(self.root):
             self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / ".lock"), timeout=60)
+        return FileLock(str(self.root / ".lock"), timeout=self.lock_timeout)
 
     def _locked(self):
         lock = self._lock()
-        try:
-            lock.acquire()
-        except Timeout:
-            raise MyVLMError(f"{self.root}: another myvlm process holds the library lock") from None
+        with explain_os_errors(self.root):  # outside: filelock's Timeout is itself an OSError
+            try:
+                lock.acquire()
+            except Timeout:
+                raise MyVLMError(f"{self.root}: another myvlm process holds the library lock") from None
+        self._remove_leftovers()
         return lock
+
+    def _remove_leftovers(self) -> None:
+        """Delete what a killed writer left: hidden staging folders, renamed-away concepts and temporary files.
+        Only called under the lock, when no other writer can be using them."""
+        folders = self._concept_folders()
+        leftovers = [*self.root.glob(".*.tmp"), *self.root.glob(".*.removed-*")]
+        leftovers += [path for folder in folders for path in folder.glob(".*.tmp")]
+        for path in leftovers:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def create(
         self,
@@ -188,6 +232,8 @@ class ConceptLibrary:
                     )
                 if other.identifier.casefold() == identifier.casefold():
                     raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other.name}'")
+            if self._folder(name).exists():
+                raise MyVLMError(f"{self._folder(name)}: exists but is not a concept; move it out of the library")
             concept = Concept(
                 name, identifier, kind, class_word, datetime.now(timezone.utc).isoformat(timespec="seconds")
             )
@@ -242,8 +288,9 @@ class ConceptLibrary:
         """Rename the folder away first (atomic), then delete it, so a crash never leaves half a concept."""
         lock = self._locked()
         try:
-            self.get(name)
             folder = self._folder(name)
+            if not (folder / MANIFEST).is_file():  # a damaged manifest is still removable, a stray folder is not
+                self.get(name)
             trash = self.root / f".{folder.name}.removed-{os.getpid()}"
             with explain_os_errors(folder):
                 os.rename(folder, trash)

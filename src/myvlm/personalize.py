@@ -14,9 +14,10 @@ from myvlm.errors import MyVLMError
 from myvlm.images import IMAGE_EXTENSIONS, load_image
 from myvlm.library import Concept, ConceptLibrary
 from myvlm.model import PersonalizedVLM, load
-from myvlm.training import Example, TrainingConfig, learn_concept, with_identifier
+from myvlm.training import Example, TrainingConfig, initial_vector, learn_concept, with_identifier
 
 CAPTION_FILES = ("captions.json", "captions_augmented.json")
+CHECKPOINT_EVERY = 10  # steps between saves of the best vector so far, so a crash or Ctrl-C loses little
 # The official VQA augmentation asks the base model these about the concept's class, then names the concept.
 VQA_QUESTIONS = (
     "What is the {cls} doing in the image?",
@@ -103,7 +104,8 @@ def build_examples(
             named = [with_identifier(c, concept.name, concept.identifier, person=person) for c in given]
             named = [c for c in named if re.search(rf"(?<!\w){re.escape(concept.identifier)}(?!\w)", c)]
             if not named:
-                raise MyVLMError(f"{name}: no caption mentions '{concept.name}' or '{concept.identifier}'")
+                wanted = " or ".join(f"'{word}'" for word in dict.fromkeys([concept.name, concept.identifier]))
+                raise MyVLMError(f"{name}: no caption mentions {wanted}")
             examples.append(Example(index, tuple(named)))
     else:
         if not concept.class_word:
@@ -147,27 +149,82 @@ def train_concept(
     images: Sequence[str] | None = None,
     steps: int = 100,
     seed: int = 0,
+    resume: bool = False,
     vlm: PersonalizedVLM | None = None,
 ) -> None:
+    """Train and store the concept's embedding. The best vector so far is saved as an incomplete entry every
+    CHECKPOINT_EVERY steps and on Ctrl-C; `resume` continues from it (with a fresh optimizer) up to `steps`."""
     concept = library.get(name)
-    config = TrainingConfig(task=task, steps=steps, seed=seed)
+    TrainingConfig(task=task, steps=steps, seed=seed)  # check the settings before loading anything
     paths, caption_map = training_photos(images, captions)
     photos = [load_image(p) for p in paths]
     vlm = vlm or load(model)
+    done, init = 0, initial_vector(vlm.concept_width, seed)
+    if resume:
+        done, init = resume_point(library, concept, vlm, task, steps)
     examples = build_examples(vlm, concept, photos, [p.name for p in paths], caption_map, task)
-    result = learn_concept(vlm, concept.name, concept.identifier, photos, examples, config)
+    info = {"family": vlm.family, "task": task, "seed": seed, "source": "myvlm"}
+    best = {"loss": float("inf"), "vector": None, "steps": done}
+    previous = [init]
+
+    def save_best() -> None:
+        if best["vector"] is not None:
+            library.save_embedding(
+                concept.name,
+                vlm.model_id,
+                best["vector"],
+                **info,
+                steps=best["steps"],
+                final_loss=round(best["loss"], 4),
+                complete=False,
+            )
+
+    def keep_best(step: int, loss: float, vector) -> None:
+        if loss < best["loss"]:  # the loss of a step is measured on the vector from before its update
+            best.update(loss=loss, vector=previous[0], steps=done + step)
+        previous[0] = vector
+        if (step + 1) % CHECKPOINT_EVERY == 0:
+            save_best()
+
+    config = TrainingConfig(task=task, steps=steps - done, seed=seed)
+    try:
+        result = learn_concept(
+            vlm, concept.name, concept.identifier, photos, examples, config, init=init, on_step=keep_best
+        )
+    except KeyboardInterrupt:
+        save_best()
+        if best["vector"] is None:
+            raise
+        raise KeyboardInterrupt(
+            f"kept the best embedding of '{concept.name}' (step {best['steps']}, loss {best['loss']:.3f}); "
+            "continue with `myvlm train ... --resume`"
+        ) from None
     if result.steps_done == 0:
         raise MyVLMError(f"training of '{concept.name}' failed at the first step ({result.stopped_early})")
+    total = done + result.steps_done
     library.save_embedding(
         concept.name,
         vlm.model_id,
         result.vector,
-        family=vlm.family,
-        task=task,
-        steps=result.steps_done,
-        seed=seed,
-        source="myvlm",
+        **info,
+        steps=total,
         final_loss=round(result.losses[-1], 4),
+        complete=True,
+        **({"stopped_early": result.stopped_early} if result.stopped_early else {}),
     )
     note = f" ({result.stopped_early})" if result.stopped_early else ""
-    print(f"trained '{concept.name}' for {vlm.model_id}: {result.steps_done} steps, loss {result.losses[-1]:.3f}{note}")
+    print(f"trained '{concept.name}' for {vlm.model_id}: {total} steps, loss {result.losses[-1]:.3f}{note}")
+
+
+def resume_point(library: ConceptLibrary, concept: Concept, vlm: PersonalizedVLM, task: str, steps: int):
+    """The steps done and the vector of an interrupted training of `concept` for this model."""
+    entry = concept.embeddings.get(vlm.model_id)
+    if entry is None or entry.get("complete", True):
+        state = "no interrupted training" if entry is None else f"a finished embedding ({entry.get('steps')} steps)"
+        raise MyVLMError(f"concept '{concept.name}' has {state} for {vlm.model_id}; train without --resume")
+    if entry.get("task") != task:
+        raise MyVLMError(f"concept '{concept.name}': the interrupted training was for --task {entry.get('task')}")
+    done = int(entry.get("steps", 0))
+    if done >= steps:
+        raise MyVLMError(f"concept '{concept.name}': {done} steps are already done; ask for more with --steps")
+    return done, library.load_embedding(concept.name, vlm.model_id, vlm.concept_width)

@@ -68,8 +68,10 @@ def read_json(path: Path) -> dict:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MyVLMError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise MyVLMError(f"{path}: corrupted JSON ({error})") from None
+    except OSError as error:
+        raise MyVLMError(f"{path}: cannot read ({error.strerror or error})") from None
     if not isinstance(obj, dict):
         raise MyVLMError(f"{path}: corrupted (expected a JSON object)")
     return obj
@@ -87,4 +89,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     except FileNotFoundError:
         raise MyVLMError(f"{path}: missing") from None
     except (SafetensorError, ValueError, RuntimeError) as error:
-        raise MyVLMError(f"{path}: corrupted tensor file ({error})") from None
+        detail = (str(error).strip() or type(error).__name__).splitlines()[0][:200]
+        raise MyVLMError(f"{path}: corrupted tensor file ({detail})") from None
+    except OSError as error:
+        raise MyVLMError(f"{path}: cannot read ({error.strerror or error})") from None
