@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from shaped_models import available, build, concept_task
+from shaped_models import add_shape_arguments, available, build, concept_task
 
 MODELS = ("toy-llava", "toy-blip2", "llava-576", "blip2-257")
 
@@ -47,8 +47,12 @@ def measure(model: str, n_images: int, batch_size: int, device: str, dtype: str,
         personal_s.append(timed(lambda: caption(personalized)))
     single = timed(lambda: caption(personalized, 1))
     return {
-        "model": model, "images": n_images, "batch_size": batch_size, "max_new_tokens": tokens,
-        "plain_s": round(min(plain_s), 3), "personalized_s": round(min(personal_s), 3),
+        "model": model,
+        "images": n_images,
+        "batch_size": batch_size,
+        "max_new_tokens": tokens,
+        "plain_s": round(min(plain_s), 3),
+        "personalized_s": round(min(personal_s), 3),
         "overhead_pct": round(100 * (min(personal_s) / min(plain_s) - 1), 1),
         "images_per_s_batched": round(n_images / min(personal_s), 2),
         "images_per_s_batch1": round(n_images / single, 2),
@@ -61,10 +65,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--full", action="store_true", help="real LLaVA-1.5-7B / BLIP-2 OPT-2.7B shapes (GPU)")
-    parser.add_argument("--json", type=str)
+    add_shape_arguments(parser)
     args = parser.parse_args()
     rows = []
     for model in args.models:

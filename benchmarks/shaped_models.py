@@ -38,10 +38,14 @@ from tiny_vlms import make_tokenizer, photos  # noqa: E402
 TOY = ("toy-llava", "toy-blip2")
 # name -> (scaled-down CPU size, real size): width, depth, heads, FFN, vocab of the LLM; width, depth of the encoder.
 SHAPES = {
-    "llava-576": {"cpu": dict(width=128, depth=4, heads=2, ffn=344, vocab=1000, v_width=64, v_depth=2),
-                  "full": dict(width=4096, depth=32, heads=32, ffn=11008, vocab=32064, v_width=1024, v_depth=24)},
-    "blip2-257": {"cpu": dict(width=320, depth=4, heads=4, ffn=1280, vocab=1600, v_width=176, v_depth=5),
-                  "full": dict(width=2560, depth=32, heads=32, ffn=10240, vocab=50272, v_width=1408, v_depth=39)},
+    "llava-576": {
+        "cpu": dict(width=128, depth=4, heads=2, ffn=344, vocab=1000, v_width=64, v_depth=2),
+        "full": dict(width=4096, depth=32, heads=32, ffn=11008, vocab=32064, v_width=1024, v_depth=24),
+    },
+    "blip2-257": {
+        "cpu": dict(width=320, depth=4, heads=4, ffn=1280, vocab=1600, v_width=176, v_depth=5),
+        "full": dict(width=2560, depth=32, heads=32, ffn=10240, vocab=50272, v_width=1408, v_depth=39),
+    },
 }
 
 
@@ -67,15 +71,31 @@ def build(name: str, full: bool = False, dtype: torch.dtype | None = None, devic
 
 
 def _llava(width, depth, heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM:
-    vision = CLIPVisionConfig(hidden_size=v_width, image_size=336, patch_size=14, num_hidden_layers=v_depth,
-                              num_attention_heads=max(v_width // 64, 1), intermediate_size=4 * v_width)
-    text = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=ffn, num_hidden_layers=depth,
-                       num_attention_heads=heads, num_key_value_heads=heads, pad_token_id=0, bos_token_id=2,
-                       eos_token_id=3)
+    vision = CLIPVisionConfig(
+        hidden_size=v_width,
+        image_size=336,
+        patch_size=14,
+        num_hidden_layers=v_depth,
+        num_attention_heads=max(v_width // 64, 1),
+        intermediate_size=4 * v_width,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=ffn,
+        num_hidden_layers=depth,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     model = LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text, image_token_id=4))
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-        tokenizer=make_tokenizer(True), patch_size=14, vision_feature_select_strategy="default",
+        tokenizer=make_tokenizer(True),
+        patch_size=14,
+        vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
     return PersonalizedVLM(model, processor, "llava-576")
@@ -83,19 +103,41 @@ def _llava(width, depth, heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM
 
 def _blip2(width, depth, heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM:
     config = Blip2Config(
-        vision_config=Blip2VisionConfig(hidden_size=v_width, image_size=224, patch_size=14, num_hidden_layers=v_depth,
-                                        num_attention_heads=max(v_width // 88, 1), intermediate_size=4 * v_width),
-        qformer_config=Blip2QFormerConfig(hidden_size=768 * width // 2560, num_hidden_layers=12,
-                                          num_attention_heads=12, intermediate_size=3072 * width // 2560,
-                                          encoder_hidden_size=v_width),
-        text_config=OPTConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=depth, ffn_dim=ffn,
-                              num_attention_heads=heads, word_embed_proj_dim=width, pad_token_id=0, bos_token_id=2,
-                              eos_token_id=3),
-        num_query_tokens=32, image_token_id=4,
+        vision_config=Blip2VisionConfig(
+            hidden_size=v_width,
+            image_size=224,
+            patch_size=14,
+            num_hidden_layers=v_depth,
+            num_attention_heads=max(v_width // 88, 1),
+            intermediate_size=4 * v_width,
+        ),
+        qformer_config=Blip2QFormerConfig(
+            hidden_size=768 * width // 2560,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072 * width // 2560,
+            encoder_hidden_size=v_width,
+        ),
+        text_config=OPTConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            num_hidden_layers=depth,
+            ffn_dim=ffn,
+            num_attention_heads=heads,
+            word_embed_proj_dim=width,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
+        num_query_tokens=32,
+        image_token_id=4,
     )
     model = Blip2ForConditionalGeneration(config)
-    processor = Blip2Processor(image_processor=BlipImageProcessorPil(size={"height": 224, "width": 224}),
-                               tokenizer=make_tokenizer(False), num_query_tokens=32)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessorPil(size={"height": 224, "width": 224}),
+        tokenizer=make_tokenizer(False),
+        num_query_tokens=32,
+    )
     return PersonalizedVLM(model, processor, "blip2-257")
 
 
@@ -106,10 +148,18 @@ def concept_task(vlm: PersonalizedVLM, name: str):
         from myvlm.toyworld import concept_data
 
         data = concept_data(n_concepts=1, seed=0)[0]
-        return ([e.image for e in data.train], [[e.caption] for e in data.train], data.concept.identifier,
-                [e.image for e in data.positives])
-    captions = [["Bobby is sleeping on the sofa ."], ["Bobby is on the grass ."], ["Bobby is on the red table ."],
-                ["a dog is on the sofa and Bobby is sitting ."]]
+        return (
+            [e.image for e in data.train],
+            [[e.caption] for e in data.train],
+            data.concept.identifier,
+            [e.image for e in data.positives],
+        )
+    captions = [
+        ["Bobby is sleeping on the sofa ."],
+        ["Bobby is on the grass ."],
+        ["Bobby is on the red table ."],
+        ["a dog is on the sofa and Bobby is sitting ."],
+    ]
     return photos(4, seed=1, size=400), captions, "Bobby", None
 
 
@@ -120,3 +170,10 @@ def recall(vlm: PersonalizedVLM, concept: str, identifier: str, positives) -> fl
     captions = vlm.caption(positives, [[concept]] * len(positives), max_new_tokens=24)
     return sum(identifier in c.text for c in captions) / len(captions)
 
+
+def add_shape_arguments(parser) -> None:
+    """The options both speed benchmarks share: where to run, in which dtype, at which size, and the JSON output."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--full", action="store_true", help="real LLaVA-1.5-7B / BLIP-2 OPT-2.7B shapes (GPU)")
+    parser.add_argument("--json", type=str, help="write the rows as a JSON list to this file")

@@ -48,7 +48,13 @@ def run_one(model: str, loop: str, steps: int, device: str, dtype: str, full: bo
         base = _rss_mb("VmRSS")
     start = time.perf_counter()
     result = learn_concept(
-        vlm, "concept", identifier, images, caption_examples(captions), config, views_per_image=views_per_image,
+        vlm,
+        "concept",
+        identifier,
+        images,
+        caption_examples(captions),
+        config,
+        views_per_image=views_per_image,
         progress=False,
     )
     if device.startswith("cuda"):
@@ -69,15 +75,13 @@ def _in_fresh_process(*args) -> dict:
 
 
 def main() -> None:
+    from shaped_models import add_shape_arguments, available
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--full", action="store_true", help="real LLaVA-1.5-7B / BLIP-2 OPT-2.7B shapes (GPU)")
-    parser.add_argument("--json", type=Path)
+    add_shape_arguments(parser)
     args = parser.parse_args()
-    from shaped_models import available
 
     rows = []
     for model in args.models:
@@ -87,16 +91,21 @@ def main() -> None:
         reference = _in_fresh_process(model, "reference", args.steps, args.device, args.dtype, args.full)
         fast = _in_fresh_process(model, "fast", args.steps, args.device, args.dtype, args.full)
         row = {
-            "model": model, "reference_s": round(reference["seconds"], 2), "fast_s": round(fast["seconds"], 2),
+            "model": model,
+            "reference_s": round(reference["seconds"], 2),
+            "fast_s": round(fast["seconds"], 2),
             "ratio": round(reference["seconds"] / fast["seconds"], 2),
-            "reference_recall": reference["recall"], "fast_recall": fast["recall"],
-            "reference_peak_mb": round(reference["peak_mb"], 1), "fast_peak_mb": round(fast["peak_mb"], 1),
-            "reference_final_loss": round(reference["final_loss"], 4), "fast_final_loss": round(fast["final_loss"], 4),
+            "reference_recall": reference["recall"],
+            "fast_recall": fast["recall"],
+            "reference_peak_mb": round(reference["peak_mb"], 1),
+            "fast_peak_mb": round(fast["peak_mb"], 1),
+            "reference_final_loss": round(reference["final_loss"], 4),
+            "fast_final_loss": round(fast["final_loss"], 4),
         }
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -26,8 +26,11 @@ def loss_reg_grad(vlm, batch, views=None):
 def mixed_batch(vlm, left_padded=False):
     """Caption and VQA samples with different prompts and target lengths."""
     backend = vlm.backend
-    prompts = [backend.prompt("caption", ["Bobby"]), backend.prompt("vqa", question="What is Bobby doing ?"),
-               backend.prompt("vqa", question="Where is Bobby ?")]
+    prompts = [
+        backend.prompt("caption", ["Bobby"]),
+        backend.prompt("vqa", question="What is Bobby doing ?"),
+        backend.prompt("vqa", question="Where is Bobby ?"),
+    ]
     targets = ["Bobby is sleeping on the sofa .", "sitting", "on the red table ."]
     if not left_padded:
         return backend.encode(photos(3), prompts, [1, 1, 1], targets)
@@ -71,8 +74,11 @@ def test_llava_cached_step_with_left_padding_and_reused_views():
 def test_fast_loop_without_augmentation_follows_the_reference_loop(family):
     vlm = MAKERS[family]()
     images = photos(2)
-    examples = [Example(0, ("Bobby is on the sofa .", "Bobby .")), Example(1, ("Bobby is sleeping .",)),
-                Example(1, ("sitting",), question="What is Bobby doing ?")]
+    examples = [
+        Example(0, ("Bobby is on the sofa .", "Bobby .")),
+        Example(1, ("Bobby is sleeping .",)),
+        Example(1, ("sitting",), question="What is Bobby doing ?"),
+    ]
     config = TrainingConfig(steps=3, batch_size=3, augment=False)
     reference = learn_concept(vlm, "bobby", "Bobby", images, examples, config, views_per_image=None, progress=False)
     fast = learn_concept(vlm, "bobby", "Bobby", images, examples, config, progress=False)
@@ -84,8 +90,14 @@ def test_fast_loop_with_view_pool_runs_end_to_end():
     vlm = tiny_llava()
     seen = []
     result = learn_concept(
-        vlm, "bobby", "Bobby", photos(2), [Example(0, ("Bobby is on the sofa .",)), Example(1, ("Bobby .",))],
-        TrainingConfig(steps=4, batch_size=3), views_per_image=2, progress=False,
+        vlm,
+        "bobby",
+        "Bobby",
+        photos(2),
+        [Example(0, ("Bobby is on the sofa .",)), Example(1, ("Bobby .",))],
+        TrainingConfig(steps=4, batch_size=3),
+        views_per_image=2,
+        progress=False,
         on_step=lambda step, loss, vector: seen.append(step),
     )
     assert result.steps_done == 4 and seen == [0, 1, 2, 3] and result.stopped_early is None

@@ -49,10 +49,13 @@ def test_caption_scoring_penalises_wrong_attributes():
     scene = toyworld.Scene("grass", (obj, other), 0)
     assert toyworld.caption(scene) == "A small red circle left of a large blue striped square on grass."
     assert toyworld.caption_attribute_accuracy(toyworld.caption(scene), scene) == (10, 10)
-    assert toyworld.caption_attribute_accuracy("A small green circle right of a large blue square on sand.",
-                                               scene) == (6, 10)
-    assert toyworld.caption_attribute_accuracy("Bobby is left of a large blue striped square on grass.", scene,
-                                               {"Bobby": 0}) == (10, 10)
+    assert toyworld.caption_attribute_accuracy("A small green circle right of a large blue square on sand.", scene) == (
+        6,
+        10,
+    )
+    assert toyworld.caption_attribute_accuracy(
+        "Bobby is left of a large blue striped square on grass.", scene, {"Bobby": 0}
+    ) == (10, 10)
     assert toyworld.caption_attribute_accuracy("A small red circle on grass.", scene) == (5, 10)
 
 
@@ -99,8 +102,11 @@ def test_export_layout(tmp_path):
     assert len(set(idents)) == 2 and all(i in toyworld.NAMES for i in idents)
     for c in index:
         ident = c["identifier"]
-        for folder, count, personalized in ((ident, 4, True), (f"{ident}/positives", 20, True),
-                                            (f"{ident}/hard_negatives", 10, False)):
+        for folder, count, personalized in (
+            (ident, 4, True),
+            (f"{ident}/positives", 20, True),
+            (f"{ident}/hard_negatives", 10, False),
+        ):
             captions = json.loads((out / folder / "captions.json").read_text())
             assert sorted(captions) == sorted(p.name for p in (out / folder).glob("*.png"))
             assert len(captions) == count
@@ -158,8 +164,11 @@ def test_packaged_model_loads_and_captions_held_out_scenes(name, model_type):
     # regression guard, not the target: the shipped models score ~0.75 on 100 held-out scenes (target 0.95)
     assert accuracy >= 0.6, list(zip(captions, [toyworld.caption(s) for s in scenes], strict=True))
     assert all(c.endswith(".") for c in captions)
-    inputs = processor(images=[toyworld.render_scene(scenes[0])], text=[
-        toyworld.llava_prompt("Please caption this image.") if name == "toy-llava" else ""], return_tensors="pt")
+    inputs = processor(
+        images=[toyworld.render_scene(scenes[0])],
+        text=[toyworld.llava_prompt("Please caption this image.") if name == "toy-llava" else ""],
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
     attentions = out.attentions if name == "toy-llava" else out.language_model_outputs.attentions

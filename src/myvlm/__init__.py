@@ -1,9 +1,9 @@
 """myvlm: personalize vision-language models (BLIP-2, LLaVA) to your own concepts, the MyVLM way.
 
-    import myvlm
-    vlm = myvlm.load("toy-llava")                       # or a hub id / local folder of BLIP-2 or LLaVA
-    result = vlm.learn("bobby", "Bobby", images, captions)
-    vlm.caption(images, concepts=[["bobby"]] * len(images))
+import myvlm
+vlm = myvlm.load("toy-llava")                       # or a hub id / local folder of BLIP-2 or LLaVA
+result = vlm.learn("bobby", "Bobby", images, captions)
+vlm.caption(images, concepts=[["bobby"]] * len(images))
 """
 
 from myvlm.backends import CAPTION, VQA, Backend, register_backend

@@ -45,8 +45,14 @@ def _example(seed: int, **kwargs) -> Example:
     return Example(render_scene(scene), scene)
 
 
-def concept_data(n_concepts: int = 2, seed: int = 0, n_train: int = 4, n_positives: int = 20,
-                 n_negatives: int = 20, n_hard_negatives: int = 10) -> list[ConceptData]:
+def concept_data(
+    n_concepts: int = 2,
+    seed: int = 0,
+    n_train: int = 4,
+    n_positives: int = 20,
+    n_negatives: int = 20,
+    n_hard_negatives: int = 10,
+) -> list[ConceptData]:
     """Splits for the first n concepts of this seed; every image is a different scene (position, scale, companions)."""
     out = []
     for k, concept in enumerate(make_concepts(n_concepts, seed)):
@@ -55,10 +61,15 @@ def concept_data(n_concepts: int = 2, seed: int = 0, n_train: int = 4, n_positiv
         def split(offset: int, count: int, base=base, **kwargs) -> list[Example]:
             return [_example(base + offset + i, **kwargs) for i in range(count)]
 
-        out.append(ConceptData(concept, split(0, n_train, concepts=(concept,)),
-                               split(1000, n_positives, concepts=(concept,)),
-                               split(2000, n_negatives),
-                               split(3000, n_hard_negatives, hard_negative_of=concept)))
+        out.append(
+            ConceptData(
+                concept,
+                split(0, n_train, concepts=(concept,)),
+                split(1000, n_positives, concepts=(concept,)),
+                split(2000, n_negatives),
+                split(3000, n_hard_negatives, hard_negative_of=concept),
+            )
+        )
     return out
 
 
@@ -107,8 +118,16 @@ def export_dataset(out_dir, n_concepts: int = 2, seed: int = 0) -> Path:
     write("negatives", data[0].negatives, "neg_", False)
     if n_concepts >= 2:
         write("two_concepts", two_concept_examples([d.concept for d in data], seed=seed), "pair_", True)
-    index = [{"identifier": d.concept.identifier, "description": d.concept.describe(), "shape": d.concept.shape,
-              "color": d.concept.color, "mark": d.concept.mark} for d in data]
+    index = [
+        {
+            "identifier": d.concept.identifier,
+            "description": d.concept.describe(),
+            "shape": d.concept.shape,
+            "color": d.concept.color,
+            "mark": d.concept.mark,
+        }
+        for d in data
+    ]
     (out / "concepts.json").write_text(json.dumps({"seed": seed, "concepts": index}, indent=2) + "\n")
     (out / "scene_graphs.json").write_text(json.dumps(graphs, indent=1) + "\n")
     return out

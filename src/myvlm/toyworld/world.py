@@ -30,8 +30,34 @@ BACKGROUNDS = ("grass", "sand", "water", "snow", "stone")
 MARK_COLORS = {"magenta": (235, 20, 210), "white": (250, 250, 250), "black": (15, 15, 15), "cyan": (40, 235, 250)}
 # Proper names the language models learn as words; personalization identifiers are drawn from these.
 NAMES = (
-    "Bobby", "Mia", "Alice", "Leo", "Nora", "Oscar", "Ruby", "Max", "Lily", "Sam", "Zoe", "Felix", "Ivy", "Hugo",
-    "Ella", "Milo", "Luna", "Theo", "Rosa", "Finn", "Ada", "Otto", "Iris", "Jack", "Maya", "Kai", "Nina", "Eli",
+    "Bobby",
+    "Mia",
+    "Alice",
+    "Leo",
+    "Nora",
+    "Oscar",
+    "Ruby",
+    "Max",
+    "Lily",
+    "Sam",
+    "Zoe",
+    "Felix",
+    "Ivy",
+    "Hugo",
+    "Ella",
+    "Milo",
+    "Luna",
+    "Theo",
+    "Rosa",
+    "Finn",
+    "Ada",
+    "Otto",
+    "Iris",
+    "Jack",
+    "Maya",
+    "Kai",
+    "Nina",
+    "Eli",
 )
 NUMBER_WORDS = ("zero", "one", "two", "three")
 RELATIONS = ("left of", "right of", "above", "below")
@@ -73,13 +99,21 @@ class Scene:
     names: dict[int, str] = field(default_factory=dict)  # object index -> name the caption uses for it
 
     def to_dict(self) -> dict:
-        return {"background": self.background, "seed": self.seed, "names": {str(k): v for k, v in self.names.items()},
-                "objects": [asdict(o) for o in self.objects]}
+        return {
+            "background": self.background,
+            "seed": self.seed,
+            "names": {str(k): v for k, v in self.names.items()},
+            "objects": [asdict(o) for o in self.objects],
+        }
 
     @staticmethod
     def from_dict(d: dict) -> Scene:
-        return Scene(d["background"], tuple(SceneObject(**o) for o in d["objects"]), d["seed"],
-                     {int(k): v for k, v in d.get("names", {}).items()})
+        return Scene(
+            d["background"],
+            tuple(SceneObject(**o) for o in d["objects"]),
+            d["seed"],
+            {int(k): v for k, v in d.get("names", {}).items()},
+        )
 
 
 @dataclass(frozen=True)
@@ -127,8 +161,10 @@ def _place(rng: np.random.Generator, sides: list[int]) -> list[tuple[int, int]] 
         for _ in range(60):
             lo, hi = side // 2 + 1, IMAGE_SIZE - side // 2 - 2
             x, y = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
-            if all(abs(x - cx) > (side + cs) // 2 + 2 or abs(y - cy) > (side + cs) // 2 + 2
-                   for (cx, cy), cs in zip(centres, sides, strict=False)):
+            if all(
+                abs(x - cx) > (side + cs) // 2 + 2 or abs(y - cy) > (side + cs) // 2 + 2
+                for (cx, cy), cs in zip(centres, sides, strict=False)
+            ):
                 centres.append((x, y))
                 break
         else:
@@ -139,24 +175,43 @@ def _place(rng: np.random.Generator, sides: list[int]) -> list[tuple[int, int]] 
 def _random_object(rng: np.random.Generator) -> dict:
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     texture = "plain" if shape == "figure" else TEXTURES[int(rng.integers(len(TEXTURES)))]
-    return {"shape": shape, "color": list(COLORS)[int(rng.integers(len(COLORS)))],
-            "size": list(SIZES)[int(rng.integers(len(SIZES)))], "texture": texture}
+    return {
+        "shape": shape,
+        "color": list(COLORS)[int(rng.integers(len(COLORS)))],
+        "size": list(SIZES)[int(rng.integers(len(SIZES)))],
+        "texture": texture,
+    }
 
 
-def sample_scene(seed: int, n_objects: int | None = None, concepts: tuple[Concept, ...] = (),
-                 hard_negative_of: Concept | None = None) -> Scene:
+def sample_scene(
+    seed: int, n_objects: int | None = None, concepts: tuple[Concept, ...] = (), hard_negative_of: Concept | None = None
+) -> Scene:
     """A random scene; ``concepts`` are placed in it (with their marks), ``hard_negative_of`` adds an unmarked twin."""
     rng = np.random.default_rng([seed, 1])
     n = n_objects or int(rng.integers(1, 4))
     n = max(n, len(concepts) + (hard_negative_of is not None))
     specs = []
     for c in concepts:
-        specs.append({"shape": c.shape, "color": c.color, "size": list(SIZES)[int(rng.integers(2))], "texture": "plain",
-                      "mark": c.mark, "concept": c.identifier})
+        specs.append(
+            {
+                "shape": c.shape,
+                "color": c.color,
+                "size": list(SIZES)[int(rng.integers(2))],
+                "texture": "plain",
+                "mark": c.mark,
+                "concept": c.identifier,
+            }
+        )
     if hard_negative_of is not None:
         texture = "plain" if hard_negative_of.shape == "figure" else TEXTURES[int(rng.integers(len(TEXTURES)))]
-        specs.append({"shape": hard_negative_of.shape, "color": hard_negative_of.color,
-                      "size": list(SIZES)[int(rng.integers(2))], "texture": texture})
+        specs.append(
+            {
+                "shape": hard_negative_of.shape,
+                "color": hard_negative_of.color,
+                "size": list(SIZES)[int(rng.integers(2))],
+                "texture": texture,
+            }
+        )
     while len(specs) < n:
         spec = _random_object(rng)
         # companions of a concept never share its shape and colour: only hard negatives do
@@ -170,8 +225,9 @@ def sample_scene(seed: int, n_objects: int | None = None, concepts: tuple[Concep
         centres = _place(rng, sides)
         if centres is not None:
             break
-    objects = [SceneObject(x=x, y=y, side=side, **spec)
-               for spec, (x, y), side in zip(specs, centres, sides, strict=True)]
+    objects = [
+        SceneObject(x=x, y=y, side=side, **spec) for spec, (x, y), side in zip(specs, centres, sides, strict=True)
+    ]
     objects.sort(key=lambda o: (o.x, o.y))
     background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
     names = {i: o.concept for i, o in enumerate(objects) if o.concept}
@@ -344,8 +400,9 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
     if len(unique) >= 2:
         a, b = (unique[i] for i in rng.permutation(len(unique))[:2])
         rel = RELATIONS[int(rng.integers(4))]
-        pairs.append((f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
-                      "yes" if relation(a, b) == rel else "no"))
+        pairs.append(
+            (f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?", "yes" if relation(a, b) == rel else "no")
+        )
     return pairs
 
 
@@ -369,8 +426,20 @@ def caption_attribute_accuracy(text: str, scene: Scene, identifiers: dict[str, i
     correct = 4 * len(named)
     matched: dict[int, int] = {}  # phrase position -> object index
     for start, (size, color, texture, shape) in phrases:
-        scores = [(sum((objs[i].size == size, objs[i].color == color, objs[i].texture == (texture or "plain"),
-                        objs[i].shape == shape)), -i) for i in remaining]
+        scores = [
+            (
+                sum(
+                    (
+                        objs[i].size == size,
+                        objs[i].color == color,
+                        objs[i].texture == (texture or "plain"),
+                        objs[i].shape == shape,
+                    )
+                ),
+                -i,
+            )
+            for i in remaining
+        ]
         if not scores:
             break
         best, neg_i = max(scores)
@@ -384,8 +453,12 @@ def caption_attribute_accuracy(text: str, scene: Scene, identifiers: dict[str, i
         rel = next((r for r in RELATIONS if f" {r} " in text), None)
         if rel is not None:
             at = text.index(f" {rel} ")
-            name_positions = {m.start(): identifiers[m.group(0)] for name in identifiers
-                              for m in re.finditer(rf"\b{re.escape(name)}\b", text) if identifiers[name] in named}
+            name_positions = {
+                m.start(): identifiers[m.group(0)]
+                for name in identifiers
+                for m in re.finditer(rf"\b{re.escape(name)}\b", text)
+                if identifiers[name] in named
+            }
             spans = sorted({**matched, **name_positions}.items())
             before = [i for s, i in spans if s < at]
             after = [i for s, i in spans if s > at]
