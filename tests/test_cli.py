@@ -150,3 +150,35 @@ def test_html_report_escapes_captions_and_file_names(tmp_path):
     text = path.read_text()
     assert "<script>alert" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "<img onerror" not in text
+
+
+def test_text_similarity_uses_a_real_sentence_model():
+    from myvlm.evaluate import text_similarity
+
+    same, close, far = text_similarity(
+        ["a dog sleeps on the sofa"] * 3,
+        ["a dog sleeps on the sofa", "a puppy is sleeping on the couch", "quarterly earnings beat expectations"],
+    )
+    assert same == pytest.approx(1.0, abs=1e-5)
+    assert close > 0.6 > 0.2 > far
+
+
+def test_eval_reports_preservation_and_recall_from_the_heads(tmp_path, capsys):
+    vlm = tiny_llava()
+    model_dir = save(vlm, tmp_path / "tiny-llava")
+    library = ConceptLibrary(tmp_path / "lib")
+    library.create("Bobby", kind="object", class_word="dog")
+    library.save_embedding("Bobby", str(model_dir.resolve()), torch.randn(vlm.concept_width))
+    for folder, seed in (("pos", 0), ("neg", 1)):
+        (tmp_path / folder).mkdir()
+        for index, image in enumerate(photos(2, seed=seed)):
+            image.save(tmp_path / folder / f"{index}.png")
+    out = tmp_path / "metrics.json"
+    args = ["eval", "--model", str(model_dir), "--concept", "Bobby", "--positives", str(tmp_path / "pos")]
+    args += ["--negatives", str(tmp_path / "neg"), "--json", str(out), "--library", str(library.root)]
+    assert main(args) == 0
+    metrics = json.loads(out.read_text())
+    # Without a head nothing is detected: captions equal the base ones, so nothing is named and all is preserved.
+    assert metrics["recall"] == 0.0 and metrics["precision"] == 0.0 and metrics["preservation"] == 1.0
+    assert metrics["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert (metrics["n_pos"], metrics["n_neg"]) == (2, 2)

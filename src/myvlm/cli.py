@@ -207,6 +207,26 @@ def cmd_import(args) -> None:
     print(f"imported step {info['step']} of {args.checkpoint} into '{concept.name}' for {vlm.model_id}")
 
 
+def cmd_eval(args) -> None:
+    from myvlm.evaluate import evaluate_concept
+    from myvlm.model import load
+
+    library = _library(args)
+    concept = library.get(args.concept)
+    vlm = load(args.model)
+    loaded = vlm.use_library(library)
+    if concept.name not in loaded:
+        raise MyVLMError(f"concept '{concept.name}' has no embedding for {vlm.model_id}; train it first")
+    positives, _ = _load_images([args.positives], skip_bad=True)
+    negatives, _ = _load_images([args.negatives], skip_bad=True)
+    metrics = {"model": vlm.model_id, "concept": concept.name}
+    metrics |= evaluate_concept(vlm, concept.identifier, concept.class_word, positives, negatives)
+    if args.json:
+        _write_json(args.json, metrics)
+    for key, value in metrics.items():
+        print(f"{key:<14} {value}")
+
+
 def cmd_demo(args) -> None:
     from myvlm.demo import run_demo
 
@@ -294,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("image")
     ask.add_argument("question")
     ask.add_argument("--model", required=True)
+
+    evaluate = with_library(add("eval", cmd_eval, "recall/precision/F1 of a concept's name, preservation, similarity"))
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--concept", required=True)
+    evaluate.add_argument("--positives", required=True, help="folder of photos showing the concept")
+    evaluate.add_argument("--negatives", required=True, help="folder of photos without it")
+    evaluate.add_argument("--json", help="write the metrics as one JSON object")
 
     importer = with_library(add("import", cmd_import, "import an official MyVLM embedding checkpoint"))
     importer.add_argument("checkpoint", help="concept_embeddings_<VLM>_<TASK>.pt")
