@@ -148,8 +148,8 @@ def learn_concept(
             batch = backend.encode(views, prompts, [1] * len(picked), targets)
         else:
             cached = [pool[e.image][int(view_rng.integers(len(pool[e.image])))] for e in picked]
-            # Token ids depend only on the preprocessed image size: the original images stand in for the views.
-            batch = backend.encode([images[e.image] for e in picked], prompts, [1] * len(picked), targets)
+            # Token ids depend only on the image size: the original images stand in for the views, without pixels.
+            batch = backend.encode([images[e.image] for e in picked], prompts, [1] * len(picked), targets, False)
         with vlm.activate([[name]] * len(picked), record_attention=True) as injection:
             injection.batch = batch
             cross_entropy = backend.loss(batch) if pool is None else backend.cached_loss(batch, cached)

@@ -66,6 +66,7 @@ class Backend:
         self.tokenizer = processor.tokenizer
         self.injection: Injection | None = None
         self._handles: list = []
+        self._prompt_ids: dict[tuple[str, tuple[int, int]], list[int]] = {}
         self._register_hooks()
 
     # --- family specifics -------------------------------------------------------------------------------------
@@ -85,7 +86,10 @@ class Backend:
         prompts: Sequence[str],
         n_concepts: Sequence[int],
         targets: Sequence[str] | None = None,
+        with_pixels: bool = True,
     ) -> Batch:
+        """Model inputs (and labels, given targets); `with_pixels=False` skips image preprocessing for callers that
+        bring cached image features."""
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------------------------
@@ -101,6 +105,15 @@ class Backend:
     @property
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
+
+    def prompt_ids(self, prompt: str, size: tuple[int, int]) -> list[int]:
+        """The processor's token ids for a prompt with an image of this size (image tokens expanded). They do not
+        depend on the pixels, so each (prompt, size) is processed once, on a blank stand-in image."""
+        key = (prompt, size)
+        if key not in self._prompt_ids:
+            encoded = self.processor(images=[Image.new("RGB", size)], text=[prompt], return_tensors="pt")
+            self._prompt_ids[key] = encoded["input_ids"][0].tolist()
+        return self._prompt_ids[key]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]

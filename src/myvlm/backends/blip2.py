@@ -54,12 +54,11 @@ class Blip2Backend(Backend):
         # Identifiers never enter the prompt: BLIP-2 captions from the empty prompt, as in the official code.
         return "" if task == CAPTION else f"Question: {question} Answer:"
 
-    def encode(self, images, prompts, n_concepts, targets=None) -> Batch:
+    def encode(self, images, prompts, n_concepts, targets=None, with_pixels=True) -> Batch:
         rows, label_rows, prompt_lengths = [], [], []
         decoder_only = self.generation_includes_prompt
         for index, prompt in enumerate(prompts):
-            prompt_ids = self.processor(images=[images[index]], text=[prompt], return_tensors="pt")["input_ids"][0]
-            prompt_ids = prompt_ids.tolist()
+            prompt_ids = self.prompt_ids(prompt, images[index].size)
             ids, labels = prompt_ids, None
             if targets and decoder_only:
                 answer = self.answer_ids(prompt, targets[index])
@@ -76,8 +75,9 @@ class Blip2Backend(Backend):
         inputs = {
             "input_ids": self.pad(rows, self.tokenizer.pad_token_id, left),
             "attention_mask": self.pad([[1] * len(r) for r in rows], 0, left),
-            "pixel_values": self.pixel_values(images),
         }
+        if with_pixels:
+            inputs["pixel_values"] = self.pixel_values(images)
         if targets:
             inputs["labels"] = self.pad(label_rows, -100, left=False)
         return Batch(inputs, prompt_lengths, [[] for _ in rows])

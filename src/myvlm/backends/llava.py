@@ -64,12 +64,10 @@ class LlavaBackend(Backend):
             instruction = question
         return f"USER: <image>\n{instruction} ASSISTANT:"
 
-    def encode(self, images, prompts, n_concepts, targets=None) -> Batch:
-        rows, label_rows, prompt_lengths, positions, pixels = [], [], [], [], []
+    def encode(self, images, prompts, n_concepts, targets=None, with_pixels=True) -> Batch:
+        rows, label_rows, prompt_lengths, positions = [], [], [], []
         for index, (image, prompt, k) in enumerate(zip(images, prompts, n_concepts, strict=True)):
-            encoded = self.processor(images=[image], text=[prompt], return_tensors="pt")
-            prompt_ids = encoded["input_ids"][0].tolist()
-            pixels.append(encoded["pixel_values"][0])
+            prompt_ids = self.prompt_ids(prompt, image.size)
             ids = prompt_ids + (self.answer_ids(prompt, targets[index]) if targets else [])
             labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
             # k extra image-token slots right after the last image token carry the concept vectors.
@@ -84,7 +82,9 @@ class LlavaBackend(Backend):
         input_ids = self.pad(rows, self.tokenizer.pad_token_id, left)
         attention_mask = self.pad([[1] * len(r) for r in rows], 0, left)
         shifts = [input_ids.shape[1] - len(r) if left else 0 for r in rows]
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": torch.stack(pixels)}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if with_pixels:
+            inputs["pixel_values"] = self.pixel_values(images)
         if targets:
             inputs["labels"] = self.pad(label_rows, -100, left)
         return Batch(inputs, prompt_lengths, [[p + s for p in pos] for pos, s in zip(positions, shifts, strict=True)])
