@@ -2,8 +2,8 @@
 and batch captioning throughput.
 
 Overhead = personalized / plain - 1, with the concept injected into every image so the hooks do their full work
-(detection by the concept heads is timed separately, in benchmarks/heads.py). Generation is greedy with a fixed token
-budget; a different caption length with the concept shows up in the overhead.
+(detection by the concept heads is timed separately, in benchmarks/heads.py). Generation is greedy and always produces
+exactly `--max-new-tokens` tokens, so a different caption length cannot pass for overhead.
 
     python benchmarks/infer_speed.py [--models toy-llava toy-blip2 llava-576 blip2-257] [--images 16]
         [--batch-size 8] [--device cpu] [--dtype float32] [--full] [--json FILE]
@@ -33,6 +33,8 @@ def measure(model: str, n_images: int, batch_size: int, device: str, dtype: str,
     images, _, identifier, positives = concept_task(vlm, model)
     images = ((positives or images) * n_images)[:n_images]
     vlm.add_concept("concept", identifier, torch.randn(vlm.concept_width, generator=torch.Generator().manual_seed(0)))
+    # Same number of generated tokens with and without the concept, so the overhead is the injection's alone.
+    vlm.model.generation_config.min_new_tokens = tokens
     plain = [[] for _ in images]
     personalized = [["concept"] for _ in images]
 
