@@ -1,4 +1,4 @@
-"""Learning a concept end to end on a packaged toy VLM (the real HF LLaVA class, pretrained on toyworld):
+"""Learning a concept end to end on the packaged toy VLMs (real HF LLaVA / BLIP-2-OPT classes, pretrained on toyworld):
 after 100 steps on 4 photos the model names the concept on those photos and on augmented views of them, and only
 when the concept is switched on."""
 
@@ -12,7 +12,7 @@ from myvlm.augment import augment
 from myvlm.toyworld import concept_data
 
 
-@pytest.mark.parametrize("model", ["toy-llava"])
+@pytest.mark.parametrize("model", ["toy-llava", "toy-blip2"])
 def test_learned_concept_is_named_exactly_when_its_head_fires(model):
     vlm = myvlm.load(model)
     data = concept_data(n_concepts=1, seed=0)[0]

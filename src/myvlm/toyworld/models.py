@@ -3,7 +3,8 @@
 They stand in for real pretrained VLMs: same classes, processors and prompt formats, so every personalization code path
 runs unchanged. Pretraining also teaches the slot MyVLM uses: scenes with *named* objects (arbitrary objects, arbitrary
 names) get one extra vector per name right after the visual tokens, holding the mean visual features of that object
-(BLIP-2: plus a fixed code of the name, since its captioning prompt is empty). A learned concept embedding placed there
+(BLIP-2: a fixed direction coding the name plus a random share of the object's feature direction, since its captioning
+prompt is empty; BLIP-2's slot enters through the library's own concept hooks). A learned concept embedding placed there
 later therefore lands in a slot the model already reads. Pretraining objects never carry a personal-concept mark.
 """
 
@@ -52,7 +53,7 @@ VOCAB_SIZE = 1024
 EVAL_SEED_BASE = 1 << 40  # held-out scenes: never drawn during pretraining (train seeds stay below 2**32)
 TRAIN = {  # vision pretraining steps, caption/VQA steps, batch size: sized for <= 15 min on 2 CPU threads
     "toy-llava": {"vision_steps": 800, "steps": 900, "batch": 32, "lr": 3e-3},
-    "toy-blip2": {"vision_steps": 800, "steps": 1200, "batch": 32, "lr": 3e-3},
+    "toy-blip2": {"vision_steps": 800, "steps": 1600, "batch": 32, "lr": 3e-3},
 }
 
 
@@ -103,14 +104,27 @@ def build_tokenizer(image_token_attribute: bool = True):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", BOS_ID)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS_ID)]
+    )
     extra = {"extra_special_tokens": {"image_token": "<image>"}} if image_token_attribute else {}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>", padding_side="left", model_max_length=256, **extra)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        model_max_length=256,
+        **extra,
+    )
     assert [fast.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(5))
     return fast
 
@@ -131,26 +145,74 @@ def _configs(name: str):
 
     special = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
     if name == "toy-llava":
-        vision = CLIPVisionConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                  image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=96)
-        text = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=352, num_hidden_layers=3,
-                           num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                           tie_word_embeddings=True, **special)
-        config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID,
-                             vision_feature_layer=-1, vision_feature_select_strategy="default",
-                             image_seq_length=NUM_PATCHES, tie_word_embeddings=True)
+        vision = CLIPVisionConfig(
+            hidden_size=96,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH,
+            projection_dim=96,
+        )
+        text = LlamaConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            **special,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=IMAGE_ID,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            image_seq_length=NUM_PATCHES,
+            tie_word_embeddings=True,
+        )
     else:
-        vision = Blip2VisionConfig(hidden_size=96, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   image_size=IMAGE_SIZE, patch_size=PATCH, initializer_range=0.02)
-        qformer = Blip2QFormerConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=256, encoder_hidden_size=96, cross_attention_frequency=1,
-                                     vocab_size=VOCAB_SIZE, max_position_embeddings=64)
-        text = OPTConfig(vocab_size=VOCAB_SIZE, hidden_size=128, ffn_dim=352, num_hidden_layers=3,
-                         num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=128,
-                         tie_word_embeddings=True, **special)
-        config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                             text_config=text.to_dict(), num_query_tokens=NUM_QUERY_TOKENS,
-                             image_token_index=IMAGE_ID, tie_word_embeddings=True)
+        vision = Blip2VisionConfig(
+            hidden_size=96,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH,
+            initializer_range=0.02,
+        )
+        qformer = Blip2QFormerConfig(
+            hidden_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=256,
+            encoder_hidden_size=96,
+            cross_attention_frequency=1,
+            vocab_size=VOCAB_SIZE,
+            max_position_embeddings=64,
+        )
+        text = OPTConfig(
+            vocab_size=VOCAB_SIZE,
+            hidden_size=128,
+            ffn_dim=352,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=128,
+            tie_word_embeddings=True,
+            **special,
+        )
+        config = Blip2Config(
+            vision_config=vision.to_dict(),
+            qformer_config=qformer.to_dict(),
+            text_config=text.to_dict(),
+            num_query_tokens=NUM_QUERY_TOKENS,
+            image_token_index=IMAGE_ID,
+            tie_word_embeddings=True,
+        )
     return config
 
 
@@ -171,10 +233,16 @@ def _processor(name: str, tokenizer):
 
     norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
     if name == "toy-llava":
-        image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                             crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
-        return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
-                              vision_feature_select_strategy="default", num_additional_image_tokens=1)
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm
+        )
+        return LlavaProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+        )
     image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm)
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=NUM_QUERY_TOKENS)
 
@@ -186,9 +254,18 @@ def pixels(images) -> torch.Tensor:
 
 
 def name_code(name: str, dim: int) -> torch.Tensor:
-    """Fixed vector by which BLIP-2 pretraining tells the model a named object's name (its caption prompt is empty)."""
+    """Fixed unit direction by which BLIP-2 pretraining tells the model a named object's name (its caption prompt is
+    empty). A direction, not a magnitude: the library L2-normalizes a concept vector before it enters."""
     rng = np.random.default_rng([NAMES.index(name), dim, 11])
-    return torch.from_numpy(rng.standard_normal(dim).astype(np.float32))
+    return F.normalize(torch.from_numpy(rng.standard_normal(dim).astype(np.float32)), dim=0)
+
+
+def blip2_slot(patch_mean: torch.Tensor, name: str | None, weight: float = 1.0) -> torch.Tensor:
+    """A named object's BLIP-2 slot: its name's direction plus ``weight`` times the direction of its mean patch
+    features, so both survive the library's L2 normalization, post-LayerNorm and key/value rescaling. Pretraining
+    draws the weight from [0, 1), so the name alone already fills the slot (as a learned concept vector must)."""
+    vec = F.normalize(patch_mean, dim=-1)
+    return weight * vec + name_code(name, vec.shape[-1]) if name else vec
 
 
 def object_patches(obj) -> list[int]:
@@ -204,7 +281,9 @@ def object_patches(obj) -> list[int]:
 def _sample(rng: np.random.Generator, seed: int, model: str) -> tuple[Scene, list[tuple[str, str]]]:
     """(scene, turns): a base or named caption, and for LLaVA a follow-up VQA turn (or a VQA first turn)."""
     scene = sample_scene(seed)
-    if rng.random() < 0.35:  # name arbitrary objects with arbitrary names: the model learns to follow the slot
+    # name arbitrary objects with arbitrary names: the model learns to follow the slot. BLIP-2 must read the name
+    # itself out of the slot (its caption prompt is empty), so it sees named scenes more often.
+    if rng.random() < (0.5 if model == "toy-blip2" else 0.35):
         n_named = 2 if len(scene.objects) >= 2 and rng.random() < 0.2 else 1
         idx = sorted(rng.permutation(len(scene.objects))[:n_named].tolist())
         names = [NAMES[i] for i in rng.permutation(len(NAMES))[:n_named]]
@@ -257,8 +336,9 @@ def _batch(model_name: str, tokenizer, rng: np.random.Generator, seeds: list[int
 
 
 def _llava_image_features(model, pix) -> torch.Tensor:
-    feats = model.model.get_image_features(pix, vision_feature_layer=-1,
-                                           vision_feature_select_strategy="default").pooler_output
+    feats = model.model.get_image_features(
+        pix, vision_feature_layer=-1, vision_feature_select_strategy="default"
+    ).pooler_output
     return torch.stack(list(feats))  # (B, 64, D)
 
 
@@ -281,27 +361,42 @@ def _llava_loss(model, pix, input_ids, labels, mask, refs):
     return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
 
-def _blip2_query_embeds(model, vis, extras) -> torch.Tensor:
-    """Q-Former outputs projected into the LM, cross-attending to the visual states plus each sample's extra slots."""
-    n_extra = max(len(e) for e in extras)
-    enc_mask = torch.ones(vis.shape[0], vis.shape[1] + n_extra, dtype=torch.long)
-    padding = torch.zeros(vis.shape[-1])
-    rows = []
-    for b, vecs in enumerate(extras):
-        enc_mask[b, vis.shape[1] + len(vecs):] = 0
-        rows.append(torch.stack(list(vecs) + [padding] * (n_extra - len(vecs))) if n_extra else vis[b, :0])
-    enc = torch.cat([vis, torch.stack(rows)], 1)
-    query = model.qformer(query_embeds=model.query_tokens.expand(vis.shape[0], -1, -1), encoder_hidden_states=enc,
-                          encoder_attention_mask=enc_mask).last_hidden_state
+def _blip2_query_embeds(model, backend, vis, extras) -> torch.Tensor:
+    """Q-Former outputs projected into the LM, cross-attending to the visual states plus each sample's extra slots.
+
+    The slots enter through the library's own BLIP-2 hooks (``myvlm.backends.blip2``), exactly as a learned concept
+    vector does later: L2-normalized, through the vision encoder's post-LayerNorm, appended as extra encoder tokens,
+    unused slots masked, and each slot's cross-attention key/value rescaled to the image tokens' mean norm.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from myvlm.backends import Injection
+
+    width = vis.shape[-1]
+    vectors = [torch.stack(list(e)) if len(e) else vis.new_zeros(0, width) for e in extras]
+    backend.injection = Injection(vectors)
+    try:
+        vision = BaseModelOutputWithPooling(last_hidden_state=vis)
+        enc = (backend._append_concepts(model.vision_model, (), vision) or vision).last_hidden_state
+        query = model.qformer(
+            query_embeds=model.query_tokens.expand(vis.shape[0], -1, -1),
+            encoder_hidden_states=enc,
+            encoder_attention_mask=torch.ones(enc.shape[:-1], dtype=torch.long),
+        ).last_hidden_state
+    finally:
+        backend.injection = None
     return model.language_projection(query)
 
 
-def _blip2_loss(model, pix, input_ids, labels, mask, refs):
-    vis = model.vision_model(pix).last_hidden_state  # (B, 1 + 64, Dv)
-    dim = vis.shape[-1]
-    extras = [[vis[b, 1 + torch.tensor(p)].mean(0) + name_code(n, dim) for p, n in refs[b]] for b in range(len(refs))]
+def _blip2_loss(model, pix, input_ids, labels, mask, refs, backend):
+    vis = model.vision_model(pix).last_hidden_state  # (B, 1 + 64, Dv); frozen, no concept hooks active here
+    weights = torch.rand(sum(len(r) for r in refs)).tolist()  # seeded by build_model: deterministic
+    extras = [
+        [blip2_slot(vis[b, 1 + torch.tensor(p)].mean(0), n, weights.pop()) for p, n in refs[b]]
+        for b in range(len(refs))
+    ]
     embeds = model.get_input_embeddings()(input_ids)
-    embeds = torch.cat([_blip2_query_embeds(model, vis, extras), embeds[:, NUM_QUERY_TOKENS:]], 1)
+    embeds = torch.cat([_blip2_query_embeds(model, backend, vis, extras), embeds[:, NUM_QUERY_TOKENS:]], 1)
     logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
@@ -317,14 +412,28 @@ def _patch_labels(scenes: list[Scene]) -> torch.Tensor:
             obj = objs[i]
             rel = RELATIONS.index(relation(obj, objs[1 - i])) + 1 if len(objs) == 2 else 0
             hit = _mask(obj)[PATCH // 2 :: PATCH, PATCH // 2 :: PATCH].reshape(-1)
-            labels[b, hit, :-1] = [SHAPES.index(obj.shape) + 1, list(COLORS).index(obj.color) + 1,
-                                   list(SIZES).index(obj.size) + 1, TEXTURES.index(obj.texture) + 1, rank + 1, rel,
-                                   POSITIONS.index(horizontal_position(obj)) + 1]
+            labels[b, hit, :-1] = [
+                SHAPES.index(obj.shape) + 1,
+                list(COLORS).index(obj.color) + 1,
+                list(SIZES).index(obj.size) + 1,
+                TEXTURES.index(obj.texture) + 1,
+                rank + 1,
+                rel,
+                POSITIONS.index(horizontal_position(obj)) + 1,
+            ]
     return torch.from_numpy(labels)
 
 
-_HEAD_SIZES = (len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1, len(TEXTURES) + 1, 4, len(RELATIONS) + 1,
-               len(POSITIONS) + 1, len(BACKGROUNDS))
+_HEAD_SIZES = (
+    len(SHAPES) + 1,
+    len(COLORS) + 1,
+    len(SIZES) + 1,
+    len(TEXTURES) + 1,
+    4,
+    len(RELATIONS) + 1,
+    len(POSITIONS) + 1,
+    len(BACKGROUNDS),
+)
 
 
 def _pretrain_vision(name: str, model, seed: int, steps: int, batch: int, progress: bool, start: float) -> None:
@@ -352,8 +461,9 @@ def _pretrain_vision(name: str, model, seed: int, steps: int, batch: int, progre
             print(f"[{name}] vision step {step}/{steps} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
 
 
-def build_model(name: str, out_dir, seed: int = 0, progress: bool = True, steps: int | None = None,
-                threads: int = 1) -> Path:
+def build_model(
+    name: str, out_dir, seed: int = 0, progress: bool = True, steps: int | None = None, threads: int = 1
+) -> Path:
     """Pretrain a toy VLM from the seed and save it (weights, config, tokenizer, processor) to ``out_dir``.
 
     Same seed, torch version and thread count give the same bytes: all randomness flows from the seed and torch runs
@@ -386,12 +496,23 @@ def _pretrain(name: str, out: Path, seed: int, progress: bool, steps: int | None
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                            lr=hp["lr"], betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=hp["lr"], betas=(0.9, 0.98)
+    )
     warmup = max(1, min(60, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps))))
-    loss_fn = _llava_loss if name == "toy-llava" else _blip2_loss
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    )
+    if name == "toy-llava":
+        loss_fn = _llava_loss
+    else:  # the named slots go through the library's BLIP-2 concept hooks (registered here, removed before saving)
+        from myvlm.backends import backend_for
+
+        backend = backend_for(model.config.model_type)(model, _processor(name, tokenizer))
+
+        def loss_fn(*batch):
+            return _blip2_loss(*batch, backend)
+
     running = None
     for step in range(steps):
         rng = np.random.default_rng([seed, step, 3])
@@ -405,6 +526,8 @@ def _pretrain(name: str, out: Path, seed: int, progress: bool, steps: int | None
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if progress and (step % 50 == 0 or step == steps - 1):
             print(f"[{name}] step {step}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
+    if name != "toy-llava":
+        backend.remove_hooks()
     model.eval()
     model.generation_config.max_new_tokens = 24
     model.generation_config.do_sample = False
@@ -444,13 +567,14 @@ def generate(model, processor, images, instruction: str | None = None, max_new_t
     inputs = processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     if is_llava:
-        out = out[:, inputs["input_ids"].shape[1]:]
+        out = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip() for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 @torch.no_grad()
 def reference_vector(model, image, obj, name: str | None = None) -> torch.Tensor:
-    """What pretraining puts in a named object's slot: its mean visual features (BLIP-2: plus the name's code).
+    """What pretraining puts in a named object's slot: its mean visual features (BLIP-2: their direction plus the
+    name's direction).
 
     Averaged over a concept's training photos it is also a natural starting point for a learned concept embedding.
     """
@@ -459,13 +583,13 @@ def reference_vector(model, image, obj, name: str | None = None) -> torch.Tensor
     if model.config.model_type == "llava":
         return _llava_image_features(model, pix)[0, patches].mean(0)
     vis = model.vision_model(pix).last_hidden_state[0]
-    vec = vis[1 + patches].mean(0)
-    return vec + name_code(name, vis.shape[-1]) if name else vec
+    return blip2_slot(vis[1 + patches].mean(0), name)
 
 
 @torch.no_grad()
-def generate_with_slots(model, processor, image, slots: list[torch.Tensor], instruction: str | None = None,
-                        max_new_tokens: int = 24) -> str:
+def generate_with_slots(
+    model, processor, image, slots: list[torch.Tensor], instruction: str | None = None, max_new_tokens: int = 24
+) -> str:
     """Greedy answer with extra vectors right after the visual tokens: the slot a MyVLM concept embedding occupies."""
     pix = pixels([image])
     tokenizer = processor.tokenizer
@@ -473,15 +597,24 @@ def generate_with_slots(model, processor, image, slots: list[torch.Tensor], inst
         prompt = llava_prompt(instruction or caption_prompt())
         ids = tokenizer(prompt.replace("<image>", "<image>" * (NUM_PATCHES + len(slots))), return_tensors="pt")
         embeds = _llava_embeds(model, ids["input_ids"], _llava_image_features(model, pix), [list(slots)])
-        out = model.generate(inputs_embeds=embeds, attention_mask=ids["attention_mask"],
-                             max_new_tokens=max_new_tokens, do_sample=False)
-    else:
+        out = model.generate(
+            inputs_embeds=embeds, attention_mask=ids["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False
+        )
+    else:  # what users get: the slot enters through the library's BLIP-2 hooks during HF's own generate()
+        from myvlm.backends import Injection, backend_for
+
         text = "" if instruction is None else blip2_vqa_prompt(instruction)
-        ids = torch.tensor([tokenizer(text)["input_ids"]])
-        vis = model.vision_model(pix).last_hidden_state
-        embeds = torch.cat([_blip2_query_embeds(model, vis, [list(slots)]), model.get_input_embeddings()(ids)], 1)
-        out = model.language_model.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2]).long(),
-                                            max_new_tokens=max_new_tokens, do_sample=False)
+        inputs = processor(images=[image], text=[text], return_tensors="pt")
+        backend = backend_for(model.config.model_type)(model, processor)
+        width = backend.concept_width
+        backend.injection = Injection([torch.stack(list(slots)) if slots else torch.zeros(0, width)])
+        try:
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        finally:
+            backend.injection = None
+            backend.remove_hooks()
+        if backend.generation_includes_prompt:
+            out = out[:, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
