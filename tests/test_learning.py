@@ -1,6 +1,6 @@
-"""Learning a concept end to end on the packaged toy VLMs (real HF LLaVA / BLIP-2-OPT classes, pretrained on toyworld):
-after 100 steps on 4 photos the model names the concept on those photos and on augmented views of them, and only
-when the concept is switched on."""
+"""Learning a concept end to end: after 100 steps on 4 photos the model names the concept on those photos and on
+augmented views of them, and only when the concept is switched on. LLaVA and BLIP-2-OPT run on the packaged toy VLMs
+(pretrained on toyworld), BLIP-2-Flan-T5 on a tiny model pretrained in the test the same way."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import myvlm
 from myvlm.augment import augment
 from myvlm.toyworld import concept_data
+from tiny_vlms import colored_photo, pretrain_with_named_slots, tiny_blip2
 
 
 @pytest.mark.parametrize("model", ["toy-llava", "toy-blip2"])
@@ -26,3 +27,16 @@ def test_learned_concept_is_named_exactly_when_its_head_fires(model):
     switched_off = [c.text for c in vlm.caption(views, [[]] * len(views))]
     assert all(identifier in text for text in switched_on), switched_on
     assert not any(identifier in text for text in switched_off), switched_off
+
+
+def test_blip2_flan_t5_learns_the_identifier_too():
+    """No packaged toy model has a Flan-T5 LM, so a tiny one is pretrained here the way toy-blip2 is."""
+    vlm = pretrain_with_named_slots(tiny_blip2("t5"))
+    images = [colored_photo(color, 999 + i) for i, color in enumerate(["red", "blue", "green", "red"])]
+    result = vlm.learn("bobby", "Bobby", images, [["Bobby is on the sofa ."]] * 4, progress=False)
+    assert result.steps_done == 100 and result.stopped_early is None
+    views = images + [augment(image, np.random.default_rng(5)) for image in images]
+    switched_on = [c.text for c in vlm.caption(views, [["bobby"]] * len(views), max_new_tokens=8)]
+    switched_off = [c.text for c in vlm.caption(views, [[]] * len(views), max_new_tokens=8)]
+    assert all("Bobby" in text for text in switched_on), switched_on
+    assert not any("Bobby" in text for text in switched_off), switched_off

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
@@ -155,3 +156,58 @@ def photos(n: int = 4, seed: int = 0, size: int = 48) -> list[Image.Image]:
     """Distinct random-texture images (the model is random, so any content works)."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+COLORS = {"red": (200, 30, 30), "blue": (30, 30, 200), "green": (30, 170, 30)}
+PLACES = ("sofa", "grass", "table")
+
+
+def colored_photo(color: str, seed: int, size: int = 48) -> Image.Image:
+    """A noisy image whose dominant color its caption names."""
+    rng = np.random.default_rng(seed)
+    pixels = np.array(COLORS[color], dtype=np.float64) + rng.normal(0, 40, (size, size, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def pretrain_with_named_slots(vlm: PersonalizedVLM, steps: int = 600, seed: int = 0) -> PersonalizedVLM:
+    """Briefly pretrain the whole tiny VLM the way toy-blip2 is: caption colored photos ("a red dog is on the sofa ."),
+    and when a named thing's vector sits in the concept slot (through the library's own hooks), name it instead
+    ("Bobby is on the sofa ."). A random LM ignores its inputs; this one reads its visual tokens and can say a name,
+    so a learned concept vector has a path to follow, as in a pretrained VLM."""
+    from myvlm.augment import augment
+    from myvlm.backends import Injection
+
+    backend, width = vlm.backend, vlm.concept_width
+    generator = torch.Generator().manual_seed(seed)
+    codes = {name: F.normalize(torch.randn(width, generator=generator), dim=0) for name in ("Bobby", "Alice")}
+    rng = np.random.default_rng(seed)
+    vlm.model.train()
+    vlm.model.requires_grad_(True)
+    optimizer = torch.optim.Adam(vlm.model.parameters(), lr=3e-3)
+    for step in range(steps):
+        images, targets, slots = [], [], []
+        for index in range(8):
+            color, place = list(COLORS)[rng.integers(3)], PLACES[rng.integers(3)]
+            image = colored_photo(color, seed * 100_000 + step * 8 + index)
+            images.append(augment(image, rng) if rng.random() < 0.5 else image)
+            name = [None, "Bobby", "Alice"][rng.integers(3)]
+            if name is None:
+                slots.append(torch.zeros(0, width))
+                targets.append(f"a {color} dog is on the {place} .")
+            else:  # the name's direction plus a random share of noise, as a learned vector starts out
+                noise = torch.randn(width, generator=generator) * 2 * float(rng.random()) / width**0.5
+                slots.append((codes[name] + noise)[None])
+                targets.append(f"{name} is on the {place} .")
+        prompts = [backend.prompt("caption", ["Bobby"] if len(s) else []) for s in slots]
+        batch = backend.encode(images, prompts, [len(s) for s in slots], targets)
+        backend.injection = Injection(slots)
+        try:
+            loss = backend.loss(batch)
+        finally:
+            backend.injection = None
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    vlm.model.eval()
+    vlm.model.requires_grad_(False)
+    return vlm
