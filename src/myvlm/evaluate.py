@@ -3,7 +3,6 @@ untouched, and does the rest of the caption keep its meaning (all-MiniLM-L6-v2 s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from functools import cache
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from myvlm.errors import MyVLMError
+from myvlm.training import word_pattern
 
 
 @cache
@@ -40,10 +40,6 @@ def text_similarity(first: Sequence[str], second: Sequence[str]) -> list[float]:
     return (embeddings[: len(first)] * embeddings[len(first) :]).sum(-1).tolist()
 
 
-def names(text: str, identifier: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", text) is not None
-
-
 def evaluate_concept(
     vlm, identifier: str, class_word: str | None, positives: Sequence[Image.Image], negatives: Sequence[Image.Image]
 ) -> dict:
@@ -53,14 +49,15 @@ def evaluate_concept(
     images = list(positives) + list(negatives)
     base = [c.text for c in vlm.caption(images, [[] for _ in images], progress=True)]
     personal = [c.text for c in vlm.caption(images, progress=True)]
-    named = [names(text, identifier) for text in personal]
+    identifier_word = word_pattern(identifier)
+    named = [identifier_word.search(text) is not None for text in personal]
     n_pos = len(positives)
     true_positives = sum(named[:n_pos])
     recall = true_positives / n_pos
     precision = true_positives / sum(named) if any(named) else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     preserved = [p == b for p, b in zip(personal[n_pos:], base[n_pos:], strict=True)]
-    generic = [re.sub(rf"(?<!\w){re.escape(identifier)}(?!\w)", class_word or "it", p) for p in personal[:n_pos]]
+    generic = [identifier_word.sub(class_word or "it", p) for p in personal[:n_pos]]
     similarity = text_similarity(generic, base[:n_pos])
     return {
         "recall": round(recall, 4),

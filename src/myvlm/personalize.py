@@ -14,7 +14,7 @@ from myvlm.errors import MyVLMError
 from myvlm.images import IMAGE_EXTENSIONS, load_image
 from myvlm.library import Concept, ConceptLibrary
 from myvlm.model import PersonalizedVLM, load
-from myvlm.training import Example, TrainingConfig, initial_vector, learn_concept, with_identifier
+from myvlm.training import Example, TrainingConfig, initial_vector, learn_concept, with_identifier, word_pattern
 
 CAPTION_FILES = ("captions.json", "captions_augmented.json")
 CHECKPOINT_EVERY = 10  # steps between saves of the best vector so far, so a crash or Ctrl-C loses little
@@ -102,7 +102,7 @@ def build_examples(
             if given is None:
                 raise MyVLMError(f"{name}: no captions for this photo in the captions file")
             named = [with_identifier(c, concept.name, concept.identifier, person=person) for c in given]
-            named = [c for c in named if re.search(rf"(?<!\w){re.escape(concept.identifier)}(?!\w)", c)]
+            named = [c for c in named if word_pattern(concept.identifier).search(c)]
             if not named:
                 wanted = " or ".join(f"'{word}'" for word in dict.fromkeys([concept.name, concept.identifier]))
                 raise MyVLMError(f"{name}: no caption mentions {wanted}")

@@ -58,12 +58,17 @@ class TrainingResult:
     stopped_early: str | None = None
 
 
+def word_pattern(word: str) -> re.Pattern:
+    """`word` as a whole word: "Max" matches in "Max is" but not in "Maxine"."""
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+
+
 def with_identifier(caption: str, name: str, identifier: str, *, person: bool = False) -> str:
     """Put the identifier where the caption names the concept (for people also the title-cased name)."""
     names = {name, name.title()} if person else {name}
     for word in sorted(names, key=len, reverse=True):
         if word != identifier:
-            caption = re.sub(rf"(?<!\w){re.escape(word)}(?!\w)", identifier, caption)
+            caption = word_pattern(word).sub(identifier, caption)
     return caption
 
 
