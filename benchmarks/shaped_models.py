@@ -37,13 +37,15 @@ from tiny_vlms import make_tokenizer, photos  # noqa: E402
 
 TOY = ("toy-llava", "toy-blip2")
 # name -> (scaled-down CPU size, real size): width, depth, heads, FFN, vocab of the LLM; width, depth of the encoder.
+# BLIP-2 on CPU: every width / 4 and every depth / 8 (ViT-g 1408 x 39 -> 352 x 5, Q-Former 768 x 12 -> 192 x 2,
+# OPT-2.7B 2560 x 32 -> 640 x 4), vocabulary so the LM head keeps its ~5 % share of the LLM's work.
 SHAPES = {
     "llava-576": {
         "cpu": dict(width=128, depth=4, heads=2, ffn=344, vocab=1000, v_width=64, v_depth=2),
         "full": dict(width=4096, depth=32, heads=32, ffn=11008, vocab=32064, v_width=1024, v_depth=24),
     },
     "blip2-257": {
-        "cpu": dict(width=320, depth=4, heads=4, ffn=1280, vocab=1600, v_width=176, v_depth=5),
+        "cpu": dict(width=640, depth=4, heads=8, ffn=2560, vocab=1600, v_width=352, v_depth=5),
         "full": dict(width=2560, depth=32, heads=32, ffn=10240, vocab=50272, v_width=1408, v_depth=39),
     },
 }
@@ -113,8 +115,8 @@ def _blip2(width, depth, heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM
         ),
         qformer_config=Blip2QFormerConfig(
             hidden_size=768 * width // 2560,
-            num_hidden_layers=12,
-            num_attention_heads=12,
+            num_hidden_layers=max(12 * depth // 32, 2),
+            num_attention_heads=max(12 * width // 2560, 1),
             intermediate_size=3072 * width // 2560,
             encoder_hidden_size=v_width,
         ),

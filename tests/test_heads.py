@@ -11,7 +11,15 @@ import torch
 from PIL import Image
 
 from myvlm.errors import MyVLMError
-from myvlm.heads import ConceptDetector, FaceHead, ObjectHead, get_encoder, head_from_state, register_encoder
+from myvlm.heads import (
+    ConceptDetector,
+    FaceHead,
+    ObjectHead,
+    embed_regions,
+    get_encoder,
+    head_from_state,
+    register_encoder,
+)
 from myvlm.heads.objects import augmented_views, calibrate_threshold, generic_negative_images
 
 
@@ -76,17 +84,38 @@ def test_detector_runs_encoder_once_and_orders_by_score(colour_encoder):
 
 def test_calibration_uses_the_band_and_negatives():
     views = [torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)]
-    threshold, _ = calibrate_threshold(views, torch.tensor([]), (0.7, 0.8))
+    threshold, _ = calibrate_threshold([views[0][:1]], views, torch.tensor([]), (0.7, 0.8))
     assert threshold == pytest.approx(0.75)  # one photo: middle of the band
-    threshold, stats = calibrate_threshold(views, torch.tensor([0.9]), (0.7, 0.8))
+    threshold, stats = calibrate_threshold([views[0][:1]], views, torch.tensor([0.9]), (0.7, 0.8))
     assert threshold == pytest.approx(0.92) and stats["highest_negative"] == pytest.approx(0.9)
+
+
+def test_leave_one_out_scores_each_photo_by_its_best_region():
+    axes = torch.eye(3)
+    views = [axes[:1], axes[:1], axes[:1]]
+    whole_only = [axes[1:2]] * 3  # held-out photos that do not match the others' prototype at all
+    threshold, stats = calibrate_threshold(whole_only, views, torch.tensor([]), (0.0, 1.0))
+    assert stats["loo_mean"] == pytest.approx(0.0)
+    with_region = [torch.stack([axes[1], axes[0]])] * 3  # ...until one of their regions shows the object
+    threshold, stats = calibrate_threshold(with_region, views, torch.tensor([]), (0.0, 1.0))
+    assert stats["loo_mean"] == pytest.approx(1.0) and threshold == pytest.approx(1.0)
+
+
+def test_region_features_score_by_their_best_region(colour_encoder):
+    head = ObjectHead.train([solid((250, 0, 0)), solid((240, 10, 0))], encoder=ColourEncoder.name)
+    photos = embed_regions(colour_encoder, [solid((0, 0, 250)), solid((250, 0, 0))])
+    assert photos.shape == (2, 1, 3)  # an encoder without regions gives the whole photo only
+    regions = torch.cat([photos[:1], photos[1:]], dim=1)  # one photo: a blue whole, a red region
+    assert head.probabilities(regions)[0] == pytest.approx(head.probabilities(photos[1:, 0])[0])
+    assert head.probabilities(photos[:1, 0])[0] < 0.5
 
 
 def test_views_and_generic_negatives_are_deterministic():
     first, second = generic_negative_images(4), generic_negative_images(4)
     assert [image.tobytes() for image in first] == [image.tobytes() for image in second]
-    views = [augmented_views(first[1], 3, random.Random(7)) for _ in range(2)]
-    assert [view.tobytes() for view in views[0]] == [view.tobytes() for view in views[1]]
+    counts = {"geometric": 2, "colour": 1, "zoom_out": 1}
+    views = [augmented_views(first[1], random.Random(7), counts) for _ in range(2)]
+    assert len(views[0]) == 4 and [view.tobytes() for view in views[0]] == [view.tobytes() for view in views[1]]
 
 
 def test_errors_are_clear():

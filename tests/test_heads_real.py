@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 from myvlm.errors import MyVLMError
-from myvlm.heads import ConceptDetector, FaceHead, ObjectHead, get_encoder, head_from_state
+from myvlm.heads import ConceptDetector, FaceHead, ObjectHead, embed_regions, get_encoder, head_from_state
 from myvlm.images import collect_images, load_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -60,10 +62,20 @@ def test_object_head_fires_on_new_photos_of_its_object_only(backpack):
     held_out = [load_image(p) for p in photos("dreambooth", "backpack")[4:]]
     others = [load_image(photos("dreambooth", s)[0]) for s in ("backpack_dog", "dog", "can", "fancy_boot")]
     others += [load_image(p) for p in photos("negatives")[:3]]
-    probabilities = backpack.probabilities(get_encoder().embed(held_out + others))
+    probabilities = backpack.probabilities(embed_regions(get_encoder(), held_out + others))
     assert (probabilities[: len(held_out)] >= 0.5).all()
     assert (probabilities[len(held_out) :] < 0.5).all()
     assert 0.72 <= backpack.calibration["cosine_threshold"] <= 0.8
+
+
+def test_regions_come_from_one_pass_and_follow_the_mirror_image():
+    encoder = get_encoder()
+    photo = load_image(photos("dreambooth", "can")[0])
+    regions = embed_regions(encoder, [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    assert regions.shape == (2, 10, encoder.dim)  # the whole photo, then the 3x3 grid of 5x5-cell windows
+    torch.testing.assert_close(regions[0, 0], encoder.embed([photo])[0])
+    mirrored_grid = regions[1, 1:].reshape(3, 3, -1).flip(1).reshape(9, -1)
+    assert (regions[0, 1:] * mirrored_grid).sum(-1).min() > 0.99  # mirror-averaged: the same windows, mirrored
 
 
 def test_mixed_detector_and_saved_heads_agree(people, backpack):

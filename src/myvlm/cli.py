@@ -69,7 +69,7 @@ def cmd_concept_add(args) -> None:
     if args.kind == "person":
         head = FaceHead.enroll(images, sources=names)
     else:
-        negatives = _load_images([args.negatives], skip_bad=True)[0] if args.negatives else None
+        negatives = _load_images(args.negatives, skip_bad=True)[0] if args.negatives else None
         head = ObjectHead.train(images, negatives, encoder=args.encoder)
     concept = library.create(name, kind=args.kind, identifier=args.identifier, class_word=args.class_word, head=head)
     print(
@@ -282,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     concept_add.add_argument("--kind", choices=["person", "object"], required=True)
     concept_add.add_argument("--identifier", help="the word the VLM should use (default: the name)")
     concept_add.add_argument("--class-word", help="what it is, e.g. dog, mug, man")
-    concept_add.add_argument("--negatives", help="a folder of photos without the concept (objects)")
-    concept_add.add_argument("--encoder", default="efficientnet-lite0", help="image encoder of the object head")
+    concept_add.add_argument("--negatives", nargs="+", help="photos without the concept, files or folders (objects)")
+    concept_add.add_argument(
+        "--encoder",
+        default="efficientnet-lite0",
+        help="image encoder of the object head; vision-tower:MODEL uses that VLM's own vision tower (toy models)",
+    )
     concept_list = with_library(add("list", cmd_concept_list, "list concepts", concept_sub))
     concept_list.add_argument("--json", action="store_true")
     concept_remove = with_library(add("remove", cmd_concept_remove, "remove a concept", concept_sub))

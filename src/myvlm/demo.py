@@ -13,6 +13,17 @@ from pathlib import Path
 
 from myvlm.errors import MyVLMError
 
+SUMMARY = (
+    "recall",
+    "precision",
+    "preservation",
+    "head_recall",
+    "head_precision",
+    "base_attribute_accuracy",
+    "personalized_attribute_accuracy",
+    "seconds",
+)
+
 
 def scene_seed_negatives(concept, count: int, seed: int):
     """Head-training negatives from their own seed range: ordinary scenes and hard negatives, never evaluated."""
@@ -116,16 +127,7 @@ def run_demo(
         "seconds": round(time.perf_counter() - started, 1),
     }
     say("")
-    for key in (
-        "recall",
-        "precision",
-        "preservation",
-        "head_recall",
-        "head_precision",
-        "base_attribute_accuracy",
-        "personalized_attribute_accuracy",
-        "seconds",
-    ):
+    for key in SUMMARY:
         say(f"  {key:<32} {metrics[key]}")
     say("")
     for index in [0, 1, len(positives), len(examples) - 1]:

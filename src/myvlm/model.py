@@ -118,7 +118,9 @@ class PersonalizedVLM:
     def use_library(self, library) -> list[str]:
         """Load every library concept that has an embedding for this model, and its head for detection."""
         from myvlm.heads import ConceptDetector
+        from myvlm.vision_encoder import register_vision_tower
 
+        register_vision_tower(self)  # heads on this model's own vision tower score with it, not a second copy
         loaded, heads = [], {}
         for concept in library.concepts():
             heads_entry = library.load_head(concept.name)

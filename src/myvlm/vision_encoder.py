@@ -12,20 +12,26 @@ from myvlm.heads import register_encoder
 
 
 class VisionTowerEncoder:
-    """CLS, mean and max of the last vision layer: mean/max keep small marks (a hat, dots) visible to a linear head."""
+    """The last vision layer's patch features as regions (the mean of all patches first): a concept's distinguishing
+    mark covers a few patches, and a probe scored at the best patch sees it where a pooled embedding averages it away.
+    The tower was trained to make such per-patch attributes linearly readable, so its heads are trained probes."""
+
+    trained_probe = True
 
     def __init__(self, vlm) -> None:
         self.vlm = vlm
         self.name = encoder_name(vlm.model_id)
         self.tower = vlm.model.vision_model if vlm.family == "blip2" else vlm.model.model.vision_tower
-        self.dim = 3 * self.tower.config.hidden_size
+        self.dim = self.tower.config.hidden_size
 
     @torch.no_grad()
-    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def embed_regions(self, images: Sequence[Image.Image]) -> torch.Tensor:
         pixels = self.vlm.backend.pixel_values(images).to(self.vlm.backend.device, self.vlm.backend.dtype)
-        hidden = self.tower(pixel_values=pixels).last_hidden_state.float()
-        features = torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1), hidden[:, 1:].amax(dim=1)], dim=-1)
-        return F.normalize(features, dim=-1).cpu()
+        patches = self.tower(pixel_values=pixels).last_hidden_state[:, 1:].float()
+        return F.normalize(torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1), dim=-1).cpu()
+
+    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.embed_regions(images)[:, 0]
 
 
 def encoder_name(model_id: str) -> str:
@@ -37,3 +43,10 @@ def register_vision_tower(vlm) -> str:
     name = encoder_name(vlm.model_id)
     register_encoder(name, lambda: VisionTowerEncoder(vlm))
     return name
+
+
+def load_vision_tower(name: str) -> VisionTowerEncoder:
+    """`vision-tower:<model id>` for commands that load no VLM themselves (`concept add`, `detect`)."""
+    from myvlm.model import load
+
+    return VisionTowerEncoder(load(name.removeprefix("vision-tower:")))

@@ -104,6 +104,12 @@ class Blip2Backend(Backend):
         features = self.model.language_projection(qformer.last_hidden_state.to(states.dtype))
         image = BaseModelOutputWithVisionQformerOutputs(pooler_output=features, qformer_outputs=qformer)
         inputs = {k: v.to(self.device) for k, v in batch.inputs.items() if k != "pixel_values"}
+        if self.generation_includes_prompt:
+            # Logits only from the position before the first target on: the LM head skips the query and prompt
+            # positions, whose predictions the loss ignores anyway (same loss, less work).
+            labels = inputs["labels"]
+            keep = labels.shape[1] - int((labels != -100).any(0).nonzero()[0]) + 1
+            inputs["labels"], inputs["logits_to_keep"] = labels[:, -keep:], keep
         return self.model(pixel_values=None, mm_encoder_outputs={"image": image}, **inputs, use_cache=False).loss
 
     # --- hooks ---------------------------------------------------------------------------------------------------

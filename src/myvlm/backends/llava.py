@@ -66,12 +66,13 @@ class LlavaBackend(Backend):
 
     def encode(self, images, prompts, n_concepts, targets=None, with_pixels=True) -> Batch:
         rows, label_rows, prompt_lengths, positions = [], [], [], []
+        image_token_id = self.image_token_id
         for index, (image, prompt, k) in enumerate(zip(images, prompts, n_concepts, strict=True)):
             prompt_ids = self.prompt_ids(prompt, image.size)
             ids = prompt_ids + (self.answer_ids(prompt, targets[index]) if targets else [])
             labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
-            # k extra image-token slots right after the last image token carry the concept vectors.
-            after_image = max(i for i, t in enumerate(ids) if t == self.image_token_id) + 1
+            # k extra image-token slots right after the last image token (always in the prompt) carry the concepts.
+            after_image = len(prompt_ids) - prompt_ids[::-1].index(image_token_id)
             ids = ids[:after_image] + [self.image_token_id] * k + ids[after_image:]
             labels = labels[:after_image] + [-100] * k + labels[after_image:]
             rows.append(ids)

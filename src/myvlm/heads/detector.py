@@ -1,4 +1,5 @@
-"""Run every concept head over photos at once: one face pass and one encoder pass per image, one matmul for objects."""
+"""Run every concept head over photos at once: one face pass and one encoder pass per image, one matmul for objects
+(every region of every photo against every object head)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import torch
 from PIL import Image
 
 from myvlm.errors import MyVLMError
-from myvlm.heads.encoders import get_encoder
+from myvlm.heads.encoders import embed_regions, get_encoder
 from myvlm.heads.faces import FaceHead, get_face_backend
 from myvlm.heads.objects import ObjectHead
+from myvlm.heads.regions import best_region_scores
 
 Box = tuple[float, float, float, float]
 NO_FACE_SCORE = float("-inf")
@@ -60,13 +62,14 @@ class ConceptDetector:
     def _object_probabilities(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         probabilities = {}
         for encoder_name, (names, weights, biases, _) in self.object_groups.items():
-            features = get_encoder(encoder_name).embed(images)
-            if features.shape[1] != weights.shape[1]:
+            features = embed_regions(get_encoder(encoder_name), images)
+            if features.shape[-1] != weights.shape[1]:
                 raise MyVLMError(
-                    f"encoder {encoder_name!r} gives {features.shape[1]}-d features but {', '.join(names)} "
+                    f"encoder {encoder_name!r} gives {features.shape[-1]}-d features but {', '.join(names)} "
                     f"expect {weights.shape[1]}-d: retrain those concepts with this encoder"
                 )
-            for name, column in zip(names, torch.sigmoid(features @ weights.T + biases).T, strict=True):
+            logits = best_region_scores(features, weights.T) + biases
+            for name, column in zip(names, torch.sigmoid(logits).T, strict=True):
                 probabilities[name] = column
         return probabilities
 

@@ -27,6 +27,7 @@ COLORS = {
 SIZES = {"small": 15, "large": 25}
 TEXTURES = ("plain", "striped", "checkered")
 BACKGROUNDS = ("grass", "sand", "water", "snow", "stone")
+MARK_KINDS = ("dots", "hat")
 MARK_COLORS = {"magenta": (235, 20, 210), "white": (250, 250, 250), "black": (15, 15, 15), "cyan": (40, 235, 250)}
 # Proper names the language models learn as words; personalization identifiers are drawn from these.
 NAMES = (
@@ -183,10 +184,23 @@ def _random_object(rng: np.random.Generator) -> dict:
     }
 
 
+def generic_mark(shape: str, color: str, rng: np.random.Generator) -> str | None:
+    """A mark for a pretraining object (dots on shapes, hats on figures), as real pretraining images show polka dots and
+    hats on all kinds of things; never one that makes the object a personal concept's twin."""
+    kind = "hat" if shape == "figure" else "dots"
+    mark = f"{kind}:{list(MARK_COLORS)[int(rng.integers(len(MARK_COLORS)))]}"
+    return None if (shape, color, mark) in _CONCEPT_TEMPLATES else mark
+
+
 def sample_scene(
-    seed: int, n_objects: int | None = None, concepts: tuple[Concept, ...] = (), hard_negative_of: Concept | None = None
+    seed: int,
+    n_objects: int | None = None,
+    concepts: tuple[Concept, ...] = (),
+    hard_negative_of: Concept | None = None,
+    mark_rate: float = 0.0,
 ) -> Scene:
-    """A random scene; ``concepts`` are placed in it (with their marks), ``hard_negative_of`` adds an unmarked twin."""
+    """A random scene; ``concepts`` are placed in it (with their marks), ``hard_negative_of`` adds an unmarked twin.
+    ``mark_rate``: share of the other objects that carry a generic mark (pretraining only)."""
     rng = np.random.default_rng([seed, 1])
     n = n_objects or int(rng.integers(1, 4))
     n = max(n, len(concepts) + (hard_negative_of is not None))
@@ -225,6 +239,11 @@ def sample_scene(
         centres = _place(rng, sides)
         if centres is not None:
             break
+    if mark_rate:
+        mark_rng = np.random.default_rng([seed, 5])
+        for spec in specs:
+            if "mark" not in spec and mark_rng.random() < mark_rate:
+                spec["mark"] = generic_mark(spec["shape"], spec["color"], mark_rng)
     objects = [
         SceneObject(x=x, y=y, side=side, **spec) for spec, (x, y), side in zip(specs, centres, sides, strict=True)
     ]
@@ -300,19 +319,23 @@ def _paint(img: np.ndarray, obj: SceneObject) -> None:
     if obj.shape == "figure":  # skin-coloured face keeps the head readable as a head
         head = (xx + 0.5 - obj.x) ** 2 + (yy + 0.5 - obj.y + r * 0.55) ** 2 <= (r * 0.3) ** 2
         img[head] = (235, 195, 160)
+    if obj.mark is not None:
+        img[mark_mask(obj)] = np.array(MARK_COLORS[obj.mark.split(":")[1]], dtype=np.float32)
+
+
+def mark_mask(obj: SceneObject) -> np.ndarray:
+    """Pixels of an object's mark (none without one): dots over its body, or a hat with a brim over the head."""
+    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE]
     if obj.mark is None:
-        return
-    kind, mark_color = obj.mark.split(":")
-    mark_rgb = np.array(MARK_COLORS[mark_color], dtype=np.float32)
-    if kind == "dots":
+        return np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    if obj.mark.startswith("dots"):
         step = max(4, int(round(obj.side / 4)))
-        dots = ((xx - obj.x) % step < 2) & ((yy - obj.y) % step < 2)
-        img[mask & dots] = mark_rgb
-    else:  # hat: a brim and a crown on top of the head
-        top = obj.y - r * 0.93
-        brim = (np.abs(xx + 0.5 - obj.x) <= r * 0.5) & (np.abs(yy + 0.5 - (top + r * 0.18)) <= max(1.0, r * 0.08))
-        crown = (np.abs(xx + 0.5 - obj.x) <= r * 0.3) & (yy + 0.5 >= top - r * 0.2) & (yy + 0.5 <= top + r * 0.18)
-        img[brim | crown] = mark_rgb
+        return _mask(obj) & ((xx - obj.x) % step < 2) & ((yy - obj.y) % step < 2)
+    r, top = obj.side / 2, obj.y - obj.side / 2 * 0.93
+    dx, y = np.abs(xx + 0.5 - obj.x), yy + 0.5
+    brim = (dx <= r * 0.6) & (np.abs(y - (top + r * 0.2)) <= max(1.0, r * 0.1))
+    crown = (dx <= r * 0.35) & (y >= top - r * 0.3) & (y <= top + r * 0.2)
+    return brim | crown
 
 
 def render_scene(scene: Scene) -> Image.Image:
