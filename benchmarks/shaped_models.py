@@ -37,11 +37,13 @@ from tiny_vlms import make_tokenizer, photos  # noqa: E402
 
 TOY = ("toy-llava", "toy-blip2")
 # name -> (scaled-down CPU size, real size): width, depth, heads, FFN, vocab of the LLM; width, depth of the encoder.
+# Widths are large enough that arithmetic, not per-operation overhead, dominates each step, as on real hardware.
+# LLaVA on CPU: LLM 4096 x 32 -> 256 x 4 (LLaMA's FFN ratio), CLIP ViT-L 1024 x 24 -> 64 x 2 at the real 336 px / 14.
 # BLIP-2 on CPU: every width / 4 and every depth / 8 (ViT-g 1408 x 39 -> 352 x 5, Q-Former 768 x 12 -> 192 x 2,
 # OPT-2.7B 2560 x 32 -> 640 x 4), vocabulary so the LM head keeps its ~5 % share of the LLM's work.
 SHAPES = {
     "llava-576": {
-        "cpu": dict(width=128, depth=4, heads=2, ffn=344, vocab=1000, v_width=64, v_depth=2),
+        "cpu": dict(width=256, depth=4, heads=4, ffn=688, vocab=1000, v_width=64, v_depth=2),
         "full": dict(width=4096, depth=32, heads=32, ffn=11008, vocab=32064, v_width=1024, v_depth=24),
     },
     "blip2-257": {

@@ -69,7 +69,7 @@ def run_demo(
     say(f"1/4 head: linear probe on {model}'s vision features from {len(data.train)} photos")
     encoder = register_vision_tower(vlm)
     train_images = [e.image for e in data.train]
-    head = ObjectHead.train(train_images, scene_seed_negatives(concept, 20, seed), encoder=encoder, seed=seed)
+    head = ObjectHead.train(train_images, scene_seed_negatives(concept, 60, seed), encoder=encoder, seed=seed)
     detector = ConceptDetector({identifier: head})
 
     say(f"2/4 embedding: {steps} steps on {len(train_images)} photos")

@@ -79,8 +79,10 @@ def initial_vector(width: int, seed: int) -> torch.Tensor:
     return vector / vector.norm()
 
 
-# 8 views per image: 100 steps of batch 4 over 4 images see each view ~12 times, and the pool stays small.
-VIEWS_PER_IMAGE = 8
+# 4 views per image: 100 steps of batch 4 over 4 images see each view ~25 times. Each view costs one frozen forward
+# pass (LLaVA: the whole prefix), so the pool is most of the cached loop's work: 8 views gave the same recall at 0.8x
+# the speed (benchmarks/RESULTS.md).
+VIEWS_PER_IMAGE = 4
 
 
 def learn_concept(
