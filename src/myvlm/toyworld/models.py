@@ -55,7 +55,7 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
 VOCAB_SIZE = 1024
 EVAL_SEED_BASE = 1 << 40  # held-out scenes: never drawn during pretraining (train seeds stay below 2**32)
 TRAIN = {  # vision pretraining steps, caption/VQA steps, batch size: sized for <= 15 min on 2 CPU threads
-    "toy-llava": {"vision_steps": 1200, "steps": 2000, "batch": 32, "lr": 3e-3},
+    "toy-llava": {"vision_steps": 2400, "steps": 2000, "batch": 32, "lr": 3e-3},
     "toy-blip2": {"vision_steps": 1200, "steps": 1600, "batch": 32, "lr": 3e-3},
 }
 VISION_LR = 2e-3
@@ -155,7 +155,7 @@ def _configs(name: str):
         vision = CLIPVisionConfig(
             hidden_size=96,
             intermediate_size=256,
-            num_hidden_layers=2,
+            num_hidden_layers=3,
             num_attention_heads=4,
             image_size=IMAGE_SIZE,
             patch_size=PATCH,
