@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from shaped_models import add_shape_arguments, available, build, concept_task
+from shaped_models import add_shape_arguments, available_models, build, concept_task
 
 MODELS = ("toy-llava", "toy-blip2", "llava-576", "blip2-257")
 
@@ -70,10 +70,7 @@ def main() -> None:
     add_shape_arguments(parser)
     args = parser.parse_args()
     rows = []
-    for model in args.models:
-        if not available(model):
-            print(f"{model}: not packaged here, skipped")
-            continue
+    for model in available_models(args.models):
         row = measure(model, args.images, args.batch_size, args.device, args.dtype, args.full, args.max_new_tokens)
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -175,6 +175,15 @@ def recall(vlm: PersonalizedVLM, concept: str, identifier: str, positives) -> fl
     return sum(identifier in c.text for c in captions) / len(captions)
 
 
+def available_models(names):
+    """The requested models that can be built here, saying which are skipped."""
+    for name in names:
+        if available(name):
+            yield name
+        else:
+            print(f"{name}: not packaged here, skipped")
+
+
 def add_shape_arguments(parser) -> None:
     """The options both speed benchmarks share: where to run, in which dtype, at which size, and the JSON output."""
     parser.add_argument("--device", default="cpu")

@@ -75,7 +75,7 @@ def _in_fresh_process(*args) -> dict:
 
 
 def main() -> None:
-    from shaped_models import add_shape_arguments, available
+    from shaped_models import add_shape_arguments, available_models
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -84,10 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = []
-    for model in args.models:
-        if not available(model):
-            print(f"{model}: not packaged here, skipped")
-            continue
+    for model in available_models(args.models):
         reference = _in_fresh_process(model, "reference", args.steps, args.device, args.dtype, args.full)
         fast = _in_fresh_process(model, "fast", args.steps, args.device, args.dtype, args.full)
         row = {
