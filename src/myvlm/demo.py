@@ -1,8 +1,8 @@
 """`myvlm demo`: the whole method on an embedded toy world, measured against exact ground truth.
 
-Pick a toyworld concept, take 4 photos of it, build its head (a linear probe on the toy VLM's own vision features),
-learn its embedding, then caption unseen photos of it, ordinary scenes and hard negatives (same shape and colour,
-without the mark) with the base and the personalized model.
+Pick a toyworld concept, take 4 photos of it, build its head (a linear probe on the toy world's CLIP, toy-llava's
+vision tower), learn its embedding, then caption unseen photos of it, ordinary scenes and hard negatives (same shape
+and colour, without the mark) with the base and the personalized model.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run_demo(
 ) -> dict:
     from myvlm.heads import ConceptDetector, ObjectHead
     from myvlm.model import load
-    from myvlm.toyworld import caption_attribute_accuracy, concept_data
+    from myvlm.toyworld import HEAD_ENCODER, caption_attribute_accuracy, concept_data
     from myvlm.training import TrainingConfig, caption_examples, learn_concept
     from myvlm.vision_encoder import register_vision_tower
 
@@ -66,10 +66,10 @@ def run_demo(
     )[concept_index]
     concept, identifier = data.concept, data.concept.identifier
     say(f"myvlm demo: {model}, concept '{identifier}' = a {concept.describe()}")
-    say(f"1/4 head: linear probe on {model}'s vision features from {len(data.train)} photos")
-    encoder = register_vision_tower(vlm)
+    say(f"1/4 head: linear probe on {HEAD_ENCODER} features from {len(data.train)} photos")
+    register_vision_tower(vlm)  # toy-llava's heads reuse the loaded tower
     train_images = [e.image for e in data.train]
-    head = ObjectHead.train(train_images, scene_seed_negatives(concept, 60, seed), encoder=encoder, seed=seed)
+    head = ObjectHead.train(train_images, scene_seed_negatives(concept, 60, seed), encoder=HEAD_ENCODER, seed=seed)
     detector = ConceptDetector({identifier: head})
 
     say(f"2/4 embedding: {steps} steps on {len(train_images)} photos")

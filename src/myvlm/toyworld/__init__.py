@@ -6,6 +6,7 @@ are scored against the scene graph.
 
 from myvlm.toyworld.data import ConceptData, Example, concept_data, export_dataset, two_concept_examples
 from myvlm.toyworld.models import (
+    HEAD_ENCODER,
     MODEL_NAMES,
     blip2_vqa_prompt,
     build_model,
@@ -40,6 +41,7 @@ __all__ = [
     "Concept",
     "ConceptData",
     "Example",
+    "HEAD_ENCODER",
     "MODEL_NAMES",
     "NAMES",
     "Scene",

@@ -47,6 +47,9 @@ from myvlm.toyworld.world import (
 )
 
 MODEL_NAMES = ("toy-llava", "toy-blip2")
+# The toy world's CLIP: object heads of toy concepts are probes on toy-llava's CLIP vision tower, for both toy VLMs, as
+# MyVLM's object heads use CLIP ViT-L/14 whether the VLM is LLaVA or BLIP-2.
+HEAD_ENCODER = "vision-tower:toy-llava"
 PATCH = 8
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 NUM_QUERY_TOKENS = 16
