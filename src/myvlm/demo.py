@@ -67,7 +67,7 @@ def run_demo(
     concept, identifier = data.concept, data.concept.identifier
     say(f"myvlm demo: {model}, concept '{identifier}' = a {concept.describe()}")
     say(f"1/4 head: linear probe on {HEAD_ENCODER} features from {len(data.train)} photos")
-    register_vision_tower(vlm)  # toy-llava's heads reuse the loaded tower
+    register_vision_tower(vlm)  # on toy-llava the head reuses the loaded tower instead of loading it again
     train_images = [e.image for e in data.train]
     head = ObjectHead.train(train_images, scene_seed_negatives(concept, 60, seed), encoder=HEAD_ENCODER, seed=seed)
     detector = ConceptDetector({identifier: head})
