@@ -184,12 +184,21 @@ def test_packaged_weights_are_small():
     assert 0 < total <= 25 * 1024 * 1024
 
 
-def test_build_is_bit_for_bit_reproducible(tmp_path):
+@pytest.mark.parametrize("name", tw_models.MODEL_NAMES)
+def test_build_is_bit_for_bit_reproducible(name, tmp_path):
     digests = []
     for run in ("a", "b"):
-        out = toyworld.build_model("toy-blip2", tmp_path / run, seed=3, progress=False, steps=2, threads=1)
+        out = toyworld.build_model(name, tmp_path / run, seed=3, progress=False, steps=2, threads=1)
         digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("name", tw_models.MODEL_NAMES)
+def test_generate_returns_the_answer_without_the_prompt(name):
+    model, processor = toyworld.load(name)
+    image = toyworld.render_scene(toyworld.held_out_scenes(1, offset=9000)[0])
+    answer = toyworld.generate(model, processor, [image], "How many objects are there?", max_new_tokens=4)[0]
+    assert answer and not any(echo in answer for echo in ("Question", "How many", "ASSISTANT")), answer
 
 
 def test_llava_names_the_object_in_the_concept_slot():

@@ -586,8 +586,7 @@ def generate(model, processor, images, instruction: str | None = None, max_new_t
         text = "" if instruction is None else blip2_vqa_prompt(instruction)
     inputs = processor(images=list(images), text=[text] * len(images), return_tensors="pt", padding=True)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    if is_llava:
-        out = out[:, inputs["input_ids"].shape[1] :]
+    out = out[:, inputs["input_ids"].shape[1] :]  # both toy LMs are decoder-only: generate() returns prompt + answer
     return [t.strip() for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
