@@ -231,7 +231,7 @@ class ObjectHead:
     @classmethod
     def _train_region_probe(cls, positives, negatives, image_encoder, rng: random.Random, seed: int) -> ObjectHead:
         """Region encoders whose patch features are linearly readable (a VLM's vision tower): a trained probe at the
-        best patch, against the user's negatives (the procedural ones stand in when there are none)."""
+        best patch, against the procedural negatives and the user's own."""
         views = [view for image in positives for view in probe_views(image.convert("RGB"), rng)]
         negative_regions = [generic_negative_features(image_encoder)]
         if negatives:

@@ -3,8 +3,9 @@
 They stand in for real pretrained VLMs: same classes, processors and prompt formats, so every personalization code path
 runs unchanged. Pretraining also teaches the slot MyVLM uses: scenes with *named* objects (arbitrary objects, arbitrary
 names) get one extra vector per name right after the visual tokens, holding the mean visual features of that object
-(BLIP-2: a fixed direction coding the name plus a random share of the object's feature direction, since its captioning
-prompt is empty; BLIP-2's slot enters through the library's own concept hooks). A learned concept embedding placed there
+(LLaVA: half the time from the mirrored image; BLIP-2: a fixed direction coding the name plus a random share of the
+object's feature direction, since its captioning prompt is empty; BLIP-2's slot enters through the library's own
+concept hooks). A learned concept embedding placed there
 later therefore lands in a slot the model already reads. Pretraining objects never carry a personal-concept mark.
 """
 
@@ -58,10 +59,19 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
 VOCAB_SIZE = 1024
 EVAL_SEED_BASE = 1 << 40  # held-out scenes: never drawn during pretraining (train seeds stay below 2**32)
 TRAIN = {  # vision pretraining steps, caption/VQA steps, batch size: sized for <= 15 min on 2 CPU threads
-    "toy-llava": {"vision_steps": 2400, "steps": 2000, "batch": 32, "lr": 3e-3},
-    "toy-blip2": {"vision_steps": 1200, "steps": 1600, "batch": 32, "lr": 3e-3},
-}
+    "toy-llava": {"vision_steps": 2400, "steps": 2000, "batch": 32, "lr": 3e-3, "object_centred": True},
+    "toy-blip2": {"vision_steps": 1200, "steps": 1600, "batch": 32, "lr": 3e-3, "object_centred": False},
+}  # object_centred: stage 1 as described in _pretrain_vision; toy-blip2 keeps the plain per-patch recipe
 VISION_LR = 2e-3
+# Weights of stage 1's object-level losses (an object's shape, colour, size, texture, mark kind and mark colour
+# predicted from the mean of its patches), and of the per-patch mark losses. A shape is a property of the whole outline
+# that no single patch shows; the weights stay balanced because the language model learns first what varies most in
+# the tower's features (a shape-only object loss left shape half of that variance, and colour was then never learnt),
+# and the per-patch mark losses are raised so that object-level losses do not crowd out the marks concept heads need.
+OBJECT_LOSS_WEIGHTS = (2.0, 2.0, 1.0, 1.0, 2.0, 2.0)
+PATCH_MARK_WEIGHT = 5.0
+# Share of LLaVA's named-object slots taken from the mirrored image (see _llava_loss).
+MIRRORED_SLOT_RATE = 0.5
 # Share of pretraining objects that carry a generic mark (dots, a hat), never a personal concept's combination: the
 # vision tower learns to see marks (as CLIP knows polka dots), so a concept head can tell a concept from its twin.
 MARK_RATE = 0.3
@@ -364,9 +374,23 @@ def _llava_embeds(model, input_ids, feats, extras) -> torch.Tensor:
     return torch.where(is_image[..., None], gathered, embeds)
 
 
+def _mirrored_patches(patches: list[int]) -> list[int]:
+    """The same patches in the horizontally mirrored image."""
+    side = IMAGE_SIZE // PATCH
+    return [p - p % side + side - 1 - p % side for p in patches]
+
+
 def _llava_loss(model, pix, input_ids, labels, mask, refs):
+    """Half the named objects' slots come from the mirrored image: the slot then tells what the object looks like but
+    not where it is, so the model learns to find the object in the image, as it must for a learned concept vector
+    (trained on photos with the concept anywhere); otherwise "Where is Mia?" is read off the slot."""
     feats = _llava_image_features(model, pix)
-    extras = [[feats[b, patches].mean(0) for patches, _ in refs[b]] for b in range(len(refs))]
+    mirrored = _llava_image_features(model, pix.flip(-1))
+    flips = iter((torch.rand(sum(len(r) for r in refs)) < MIRRORED_SLOT_RATE).tolist())
+    extras = [
+        [mirrored[b, _mirrored_patches(p)].mean(0) if next(flips) else feats[b, p].mean(0) for p, _ in refs[b]]
+        for b in range(len(refs))
+    ]
     embeds = _llava_embeds(model, input_ids, feats, extras)
     return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
@@ -411,10 +435,11 @@ def _blip2_loss(model, pix, input_ids, labels, mask, refs, backend):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def _patch_labels(scenes: list[Scene]) -> torch.Tensor:
+def _patch_labels(scenes: list[Scene], background_on_objects: bool = True) -> torch.Tensor:
     """Per patch, for the object under its centre (0 = none): shape, colour, size, texture, its place in the caption's
     order, its relation to the other object of a pair, its horizontal position, its mark's kind and colour; and the
-    background everywhere."""
+    background everywhere, or (``background_on_objects=False``) only where no object is, so that an object's patches
+    describe the object and a concept head trained on 4 photos does not learn their backgrounds."""
     labels = np.zeros((len(scenes), NUM_PATCHES, len(_HEAD_SIZES)), dtype=np.int64)
     for b, scene in enumerate(scenes):
         labels[b, :, -1] = BACKGROUNDS.index(scene.background)
@@ -423,22 +448,16 @@ def _patch_labels(scenes: list[Scene]) -> torch.Tensor:
             obj = objs[i]
             rel = RELATIONS.index(relation(obj, objs[1 - i])) + 1 if len(objs) == 2 else 0
             hit = _mask(obj)[PATCH // 2 :: PATCH, PATCH // 2 :: PATCH].reshape(-1)
-            mark_kind, mark_color = obj.mark.split(":") if obj.mark else (None, None)
-            labels[b, hit, :-1] = [
-                SHAPES.index(obj.shape) + 1,
-                list(COLORS).index(obj.color) + 1,
-                list(SIZES).index(obj.size) + 1,
-                TEXTURES.index(obj.texture) + 1,
-                rank + 1,
-                rel,
-                POSITIONS.index(horizontal_position(obj)) + 1,
-                MARK_KINDS.index(mark_kind) + 1 if mark_kind else 0,
-                list(MARK_COLORS).index(mark_color) + 1 if mark_color else 0,
-            ]
-            if mark_kind:  # a hat sits above the body: every patch showing part of the mark learns it too
+            targets = _object_labels(obj)
+            attributes, mark = targets[:4], targets[4:]
+            position = POSITIONS.index(horizontal_position(obj)) + 1
+            labels[b, hit, :-1] = [*(a + 1 for a in attributes), rank + 1, rel, position, *mark]
+            if not background_on_objects:
+                labels[b, hit, -1] = -100  # cross_entropy's ignore_index
+            if obj.mark:  # a hat sits above the body: every patch showing part of the mark learns it too
                 side = IMAGE_SIZE // PATCH
                 shown = mark_mask(obj).reshape(side, PATCH, side, PATCH).any(axis=(1, 3)).reshape(-1)
-                labels[b, shown, -3:-1] = [MARK_KINDS.index(mark_kind) + 1, list(MARK_COLORS).index(mark_color) + 1]
+                labels[b, shown, -3:-1] = mark
     return torch.from_numpy(labels)
 
 
@@ -456,13 +475,37 @@ _HEAD_SIZES = (
 )
 
 
+_OBJECT_CLASSES = (len(SHAPES), len(COLORS), len(SIZES), len(TEXTURES), len(MARK_KINDS) + 1, len(MARK_COLORS) + 1)
+
+
+def _object_labels(obj) -> list[int]:
+    """Targets of the object-level losses: shape, colour, size, texture, mark kind and mark colour (0 = no mark)."""
+    mark_kind, mark_color = obj.mark.split(":") if obj.mark else (None, None)
+    return [
+        SHAPES.index(obj.shape),
+        list(COLORS).index(obj.color),
+        list(SIZES).index(obj.size),
+        TEXTURES.index(obj.texture),
+        MARK_KINDS.index(mark_kind) + 1 if mark_kind else 0,
+        list(MARK_COLORS).index(mark_color) + 1 if mark_color else 0,
+    ]
+
+
 def _pretrain_vision(name: str, model, seed: int, steps: int, batch: int, progress: bool, start: float) -> None:
     """Stage 1, our stand-in for the CLIP/EVA pretraining real VLMs start from: every patch learns to predict the
-    attributes of the object under it. This dense signal teaches the vision tower far faster than captions alone;
-    the linear heads are thrown away."""
+    attributes of the object under it. This dense signal teaches the vision tower far faster than captions alone; the
+    linear heads are thrown away. An object-centred tower (toy-llava's, the toy world's CLIP) also predicts each
+    object's attributes from the mean of its patches (``OBJECT_LOSS_WEIGHTS``), weighs the per-patch mark losses
+    ``PATCH_MARK_WEIGHT`` times, and leaves the background to the patches no object covers."""
     vision = model.model.vision_tower if name == "toy-llava" else model.vision_model
     heads = torch.nn.Linear(vision.config.hidden_size, sum(_HEAD_SIZES))
     params = list(vision.parameters()) + list(heads.parameters())
+    object_centred = TRAIN[name]["object_centred"]
+    mark_weight = PATCH_MARK_WEIGHT if object_centred else 1.0
+    patch_weights = (1.0,) * 7 + (mark_weight, mark_weight, 1.0)  # _HEAD_SIZES order: mark kind and colour raised
+    if object_centred:
+        object_heads = torch.nn.Linear(vision.config.hidden_size, sum(_OBJECT_CLASSES))
+        params += list(object_heads.parameters())
     opt = torch.optim.AdamW(params, lr=VISION_LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * (1 - s / steps))
     for step in range(steps):
@@ -470,8 +513,20 @@ def _pretrain_vision(name: str, model, seed: int, steps: int, batch: int, progre
         scenes = [sample_scene(int(s), mark_rate=MARK_RATE) for s in rng.integers(0, 1 << 32, batch)]
         hidden = vision(pixels([render_scene(sc) for sc in scenes])).last_hidden_state[:, 1:]
         logits = torch.split(heads(hidden), _HEAD_SIZES, dim=-1)
-        labels = _patch_labels(scenes)
-        loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., k].flatten()) for k, lg in enumerate(logits))
+        labels = _patch_labels(scenes, background_on_objects=not object_centred)
+        loss = sum(
+            w * F.cross_entropy(lg.flatten(0, 1), labels[..., k].flatten())
+            for k, (w, lg) in enumerate(zip(patch_weights, logits, strict=True))
+        )
+        if object_centred:
+            objects = [(b, object_patches(o), _object_labels(o)) for b, sc in enumerate(scenes) for o in sc.objects]
+            pooled = torch.stack([hidden[b, patches].mean(0) for b, patches, _ in objects])
+            targets = torch.tensor([target for *_, target in objects])
+            object_logits = torch.split(object_heads(pooled), _OBJECT_CLASSES, dim=-1)
+            loss = loss + sum(
+                w * F.cross_entropy(lg, targets[:, k])
+                for k, (w, lg) in enumerate(zip(OBJECT_LOSS_WEIGHTS, object_logits, strict=True))
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
