@@ -68,7 +68,7 @@ def test_two_concepts_train_caption_ask(model, exported, tmp_path, capsys):
     #   one of two slots).
     assert min(heads_rate.values()) >= 0.95, heads_rate
     if model == "toy-llava":
-        assert naming_rate[0] == naming_rate[1] == naming_rate[2] == 1.0, naming_rate
+        assert naming_rate[0] == naming_rate[1] == 1.0 and naming_rate[2] >= 0.9, naming_rate
     else:
         assert naming_rate[0] == 1.0 and naming_rate[1] >= 0.85, naming_rate
 
