@@ -60,7 +60,7 @@ VOCAB_SIZE = 1024
 EVAL_SEED_BASE = 1 << 40  # held-out scenes: never drawn during pretraining (train seeds stay below 2**32)
 TRAIN = {  # vision pretraining steps, caption/VQA steps, batch size: sized for <= 15 min on 2 CPU threads
     "toy-llava": {"vision_steps": 2400, "steps": 2000, "batch": 32, "lr": 3e-3, "object_centred": True},
-    "toy-blip2": {"vision_steps": 1200, "steps": 1600, "batch": 32, "lr": 3e-3, "object_centred": False},
+    "toy-blip2": {"vision_steps": 1200, "steps": 2400, "batch": 32, "lr": 3e-3, "object_centred": False},
 }  # object_centred: stage 1 as described in _pretrain_vision; toy-blip2 keeps the plain per-patch recipe
 VISION_LR = 2e-3
 # Weights of stage 1's object-level losses (an object's shape, colour, size, texture, mark kind and mark colour
@@ -70,6 +70,8 @@ VISION_LR = 2e-3
 # and the per-patch mark losses are raised so that object-level losses do not crowd out the marks concept heads need.
 OBJECT_LOSS_WEIGHTS = (2.0, 2.0, 1.0, 1.0, 2.0, 2.0)
 PATCH_MARK_WEIGHT = 5.0
+# Share of named multi-object scenes that name two objects: BLIP-2 reads both names out of its slots, so it sees more.
+TWO_NAMES_RATE = {"toy-llava": 0.2, "toy-blip2": 0.5}
 # Share of LLaVA's named-object slots taken from the mirrored image (see _llava_loss).
 MIRRORED_SLOT_RATE = 0.5
 # Share of pretraining objects that carry a generic mark (dots, a hat), never a personal concept's combination: the
@@ -304,7 +306,7 @@ def _sample(rng: np.random.Generator, seed: int, model: str) -> tuple[Scene, lis
     # name arbitrary objects with arbitrary names in half the scenes: the model learns to follow the slot (BLIP-2
     # reads the name itself out of the slot, its caption prompt being empty; LLaVA copies it from the prompt).
     if rng.random() < 0.5:
-        n_named = 2 if len(scene.objects) >= 2 and rng.random() < 0.2 else 1
+        n_named = 2 if len(scene.objects) >= 2 and rng.random() < TWO_NAMES_RATE[model] else 1
         idx = sorted(rng.permutation(len(scene.objects))[:n_named].tolist())
         names = [NAMES[i] for i in rng.permutation(len(NAMES))[:n_named]]
         scene = with_names(scene, dict(zip(idx, names, strict=True)))
