@@ -5,8 +5,8 @@ runs unchanged. Pretraining also teaches the slot MyVLM uses: scenes with *named
 names) get one extra vector per name right after the visual tokens, holding the mean visual features of that object
 (LLaVA: half the time from the mirrored image; BLIP-2: a fixed direction coding the name plus a random share of the
 object's feature direction, since its captioning prompt is empty; BLIP-2's slot enters through the library's own
-concept hooks). A learned concept embedding placed there
-later therefore lands in a slot the model already reads. Pretraining objects never carry a personal-concept mark.
+concept hooks). A learned concept embedding placed there later therefore lands in a slot the model already reads.
+Pretraining objects never carry a personal-concept mark.
 """
 
 from __future__ import annotations
