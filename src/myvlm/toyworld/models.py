@@ -352,8 +352,11 @@ def _batch(model_name: str, tokenizer, rng: np.random.Generator, seeds: list[int
             lab = [-100] * (NUM_QUERY_TOKENS + 1) + answer_ids
         ids.append(seq)
         labels.append(lab)
-        refs.append([(object_patches(scene.objects[i]), scene.names[i]) for i in slots])
-        places.append([(object_patches(o), POSITIONS.index(horizontal_position(o))) for o in scene.objects])
+        patches = [object_patches(o) for o in scene.objects]
+        refs.append([(patches[i], scene.names[i]) for i in slots])
+        places.append(
+            [(p, POSITIONS.index(horizontal_position(o))) for p, o in zip(patches, scene.objects, strict=True)]
+        )
     width = max(map(len, ids))
     input_ids = torch.tensor([x + [PAD_ID] * (width - len(x)) for x in ids])
     label_t = torch.tensor([x + [-100] * (width - len(x)) for x in labels])
