@@ -38,7 +38,7 @@ def run_one(model: str, loop: str, steps: int, device: str, dtype: str, full: bo
     views_per_image = None if loop == "reference" else VIEWS_PER_IMAGE
     if loop == "reference":
         vlm.model.set_attn_implementation("eager")
-    config = TrainingConfig(steps=steps)
+    config = TrainingConfig(steps=steps, starts=1)  # the loop itself: BLIP-2 probing 3 starts adds 2 x 20 steps
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

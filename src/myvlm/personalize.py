@@ -14,7 +14,7 @@ from myvlm.errors import MyVLMError
 from myvlm.images import IMAGE_EXTENSIONS, load_image
 from myvlm.library import Concept, ConceptLibrary
 from myvlm.model import PersonalizedVLM, load
-from myvlm.training import Example, TrainingConfig, initial_vector, learn_concept, with_identifier, word_pattern
+from myvlm.training import Example, TrainingConfig, learn_concept, with_identifier, word_pattern
 
 CAPTION_FILES = ("captions.json", "captions_augmented.json")
 CHECKPOINT_EVERY = 10  # steps between saves of the best vector so far, so a crash or Ctrl-C loses little
@@ -159,13 +159,12 @@ def train_concept(
     paths, caption_map = training_photos(images, captions)
     photos = [load_image(p) for p in paths]
     vlm = vlm or load(model)
-    done, init = 0, initial_vector(vlm.concept_width, seed)
+    done, init = 0, None
     if resume:
         done, init = resume_point(library, concept, vlm, task, steps)
     examples = build_examples(vlm, concept, photos, [p.name for p in paths], caption_map, task)
     info = {"family": vlm.family, "task": task, "seed": seed, "source": "myvlm"}
     best = {"loss": float("inf"), "vector": None, "steps": done}
-    previous = [init]
 
     def save_best() -> None:
         if best["vector"] is not None:
@@ -180,9 +179,8 @@ def train_concept(
             )
 
     def keep_best(step: int, loss: float, vector) -> None:
-        if loss < best["loss"]:  # the loss of a step is measured on the vector from before its update
-            best.update(loss=loss, vector=previous[0], steps=done + step)
-        previous[0] = vector
+        if loss < best["loss"]:
+            best.update(loss=loss, vector=vector, steps=done + step)
         if (step + 1) % CHECKPOINT_EVERY == 0:
             save_best()
 

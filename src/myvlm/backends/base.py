@@ -57,6 +57,8 @@ class Backend:
     processor_class: ClassVar[type]
     # λ of the attention regularizer, per task.
     reg_lambda: ClassVar[dict[str, float]]
+    # Starts probed before training goes on from the best (myvlm.training): 1 where the prompt holds the identifier.
+    training_starts: ClassVar[int] = 1
     # Decoder-only LMs return prompt + answer from generate(); encoder-decoders return the answer only.
     generation_includes_prompt: bool = True
 
