@@ -109,41 +109,28 @@ def test_fast_loop_with_view_pool_runs_end_to_end():
 def test_probing_starts_keeps_one_trajectory_of_the_requested_length():
     """BLIP-2 probes 3 starts by default: the kept trajectory has `steps` steps, of which on_step sees those after
     the probes; a given start (resume) and LLaVA run the official single loop."""
-    images = photos(2)
     examples = [Example(0, ("Bobby is on the sofa .",)), Example(1, ("Bobby .",))]
     config = TrainingConfig(steps=7, batch_size=2, probe_steps=3)
+
+    def train(vlm, seen, **kwargs):
+        def note(step, loss, vector):
+            seen.append((step, vector))
+
+        return learn_concept(vlm, "bobby", "Bobby", photos(2), examples, config, progress=False, on_step=note, **kwargs)
+
     runs = []
     for _ in range(2):
         seen = []
         vlm = tiny_blip2("opt")
         assert vlm.backend.training_starts == 3
-        result = learn_concept(
-            vlm,
-            "bobby",
-            "Bobby",
-            images,
-            examples,
-            config,
-            progress=False,
-            on_step=lambda step, loss, vector, seen=seen: seen.append(step),
-        )
-        assert result.steps_done == 7 and len(result.losses) == 7 and seen == [3, 4, 5, 6], (result, seen)
+        result = train(vlm, seen)
+        steps = [step for step, _ in seen]
+        assert result.steps_done == 7 and len(result.losses) == 7 and steps == [3, 4, 5, 6], (result, steps)
         runs.append(result.vector)
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
-    seen = []
-    start = torch.ones(vlm.concept_width)
-    result = learn_concept(
-        vlm,
-        "bobby",
-        "Bobby",
-        images,
-        examples,
-        config,
-        init=start,
-        progress=False,
-        on_step=lambda step, loss, vector: seen.append((step, vector)),
-    )
-    assert [s for s, _ in seen] == list(range(7)) and torch.equal(seen[0][1], start)
+    seen, start = [], torch.ones(vlm.concept_width)
+    train(vlm, seen, init=start)
+    assert [step for step, _ in seen] == list(range(7)) and torch.equal(seen[0][1], start)
     assert tiny_llava().backend.training_starts == 1
 
 
