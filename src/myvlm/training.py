@@ -181,7 +181,7 @@ def learn_concept(
             if not math.isfinite(loss.item()):
                 result.stopped_early = f"loss became {loss.item()} at step {step}; kept the last finite embedding"
                 break
-            measured = vector.detach().clone()
+            measured = result.vector  # the vector this loss was measured on: no copy beyond the one kept anyway
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([vector], config.max_grad_norm)
