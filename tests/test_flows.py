@@ -12,7 +12,7 @@ import pytest
 from myvlm.cli import main
 from myvlm.model import TOY_MODELS
 from myvlm.toyworld import HEAD_ENCODER, render_scene, sample_scene
-from myvlm.toyworld.world import NUMBER_WORDS, SceneObject, horizontal_position
+from myvlm.toyworld.world import NUMBER_WORDS, POSITIONS, SceneObject, horizontal_position
 from myvlm.training import word_pattern
 
 
@@ -61,7 +61,6 @@ def test_two_concepts_train_caption_ask(model, exported, tmp_path, capsys):
         named_as_detected.setdefault(len(row["concepts"]), []).append(named == set(row["concepts"]))
     heads_rate = {k: sum(v) / len(v) for k, v in heads_right.items()}
     naming_rate = {k: sum(v) / len(v) for k, v in named_as_detected.items()}
-    print(model, "heads right:", heads_rate, "captions name exactly the detected concepts:", naming_rate)
     # Measured (issue #5 asks for 1.0 everywhere):
     #   toy-llava heads 1.00 / 1.00 / 1.00 (no / one / two concepts); captions name the detected 1.00 / 1.00 / 1.00;
     #   toy-blip2 heads 1.00 / 1.00 / 1.00 (the same toy-CLIP heads); captions name it 1.00 / 1.00 / 0.00 (it mostly
@@ -72,18 +71,23 @@ def test_two_concepts_train_caption_ask(model, exported, tmp_path, capsys):
     else:
         assert naming_rate[0] == 1.0 and naming_rate[1] >= 0.85, naming_rate
 
-    if model == "toy-llava":  # pretrained on VQA: answers are checked against the scene graph
-        placed = counted = 0
-        positives = sorted((exported / concepts[0] / "positives").glob("*.png"))[:10]
-        for path in positives:
-            graph = graphs[f"{concepts[0]}/positives/{path.name}"]
-            concept = next(SceneObject(**o) for o in graph["objects"] if o["concept"] == concepts[0])
-            capsys.readouterr()
-            question = f"Where is {concepts[0]} in the image?"
-            assert main(["ask", str(path), question, "--model", model, "--library", library]) == 0
-            placed += capsys.readouterr().out.strip() == horizontal_position(concept)
-            assert main(["ask", str(path), "How many objects are there?", "--model", model, "--library", library]) == 0
-            counted += capsys.readouterr().out.strip() == NUMBER_WORDS[len(graph["objects"])]
-        print(model, f"ask: {placed}/10 positions, {counted}/10 counts right")
-        # Measured: 8/10 positions (chance: about 3; the previous toy-llava 8/20) and 7/10 counts (RESULTS.md).
-        assert placed >= 5 and counted >= 5, f"{placed}/10 positions, {counted}/10 object counts right"
+    # Both toy models are pretrained on VQA: answers are checked against the scene graph.
+    placed = counted = 0
+    positives = sorted((exported / concepts[0] / "positives").glob("*.png"))[:10]
+    for path in positives:
+        graph = graphs[f"{concepts[0]}/positives/{path.name}"]
+        concept = next(SceneObject(**o) for o in graph["objects"] if o["concept"] == concepts[0])
+        capsys.readouterr()
+        question = f"Where is {concepts[0]} in the image?"
+        assert main(["ask", str(path), question, "--model", model, "--library", library]) == 0
+        answer = capsys.readouterr().out.strip()
+        assert answer in POSITIONS, answer
+        placed += answer == horizontal_position(concept)
+        assert main(["ask", str(path), "How many objects are there?", "--model", model, "--library", library]) == 0
+        counted += capsys.readouterr().out.strip() == NUMBER_WORDS[len(graph["objects"])]
+    print(model, "heads right:", heads_rate, "captions name exactly the detected concepts:", naming_rate)
+    print(model, f"ask: {placed}/10 positions, {counted}/10 counts right")
+    # Measured: toy-llava 8/10 positions (chance: about 3) and 7/10 counts; toy-blip2 3/10 and 10/10 (RESULTS.md).
+    assert counted >= 5, f"{counted}/10 object counts right"
+    if model == "toy-llava":
+        assert placed >= 5, f"{placed}/10 positions right"

@@ -243,7 +243,7 @@ def cmd_toyworld_export(args) -> None:
 def cmd_toyworld_build(args) -> None:
     from myvlm.toyworld import build_model
 
-    out = build_model(args.model, args.out, seed=args.seed)
+    out = build_model(args.model, args.out, seed=args.seed, threads=args.threads)
     print(f"built {args.model} into {out}")
 
 
@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--model", required=True, choices=["toy-llava", "toy-blip2"])
     build.add_argument("--out", required=True)
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--threads", type=int, default=2, help="torch threads (packaged: 2; bit-for-bit needs the same)")
     return parser
 
 

@@ -60,7 +60,7 @@ VOCAB_SIZE = 1024
 EVAL_SEED_BASE = 1 << 40  # held-out scenes: never drawn during pretraining (train seeds stay below 2**32)
 TRAIN = {  # vision pretraining steps, caption/VQA steps, batch size: sized for <= 15 min on 2 CPU threads
     "toy-llava": {"vision_steps": 2400, "steps": 2000, "batch": 32, "lr": 3e-3, "object_centred": True},
-    "toy-blip2": {"vision_steps": 1200, "steps": 2400, "batch": 32, "lr": 3e-3, "object_centred": False},
+    "toy-blip2": {"vision_steps": 1200, "steps": 3200, "batch": 32, "lr": 1.5e-3, "object_centred": False},
 }  # object_centred: stage 1 as described in _pretrain_vision; toy-blip2 keeps the plain per-patch recipe
 VISION_LR = 2e-3
 # Weights of stage 1's object-level losses (an object's shape, colour, size, texture, mark kind and mark colour
@@ -72,6 +72,8 @@ OBJECT_LOSS_WEIGHTS = (2.0, 2.0, 1.0, 1.0, 2.0, 2.0)
 PATCH_MARK_WEIGHT = 5.0
 # Share of named multi-object scenes that name two objects: BLIP-2 reads both names out of its slots, so it sees more.
 TWO_NAMES_RATE = {"toy-llava": 0.2, "toy-blip2": 0.5}
+# Share of toy-blip2's pretraining samples that are a question in BLIP-2's VQA prompt instead of a caption.
+BLIP2_VQA_RATE = 0.3
 # Share of LLaVA's named-object slots taken from the mirrored image (see _llava_loss).
 MIRRORED_SLOT_RATE = 0.5
 # Weight of LLaVA's auxiliary position loss in the language-model stage (see _llava_loss).
@@ -94,7 +96,7 @@ def llava_prompt(instruction: str) -> str:
 
 
 def blip2_vqa_prompt(question: str) -> str:
-    """BLIP-2's VQA prompt format (the tokenizer knows it; toy-blip2 itself is pretrained on captions only)."""
+    """BLIP-2's VQA prompt format, in which toy-blip2 is pretrained to answer."""
     return f"Question: {question} Answer:"
 
 
@@ -303,7 +305,8 @@ def object_patches(obj) -> list[int]:
 
 
 def _sample(rng: np.random.Generator, seed: int, model: str) -> tuple[Scene, list[tuple[str, str]]]:
-    """(scene, turns): a base or named caption, and for LLaVA a follow-up VQA turn (or a VQA first turn)."""
+    """(scene, turns): a base or named caption, for LLaVA with a follow-up VQA turn (or a VQA first turn), for BLIP-2
+    a caption or, in ``BLIP2_VQA_RATE`` of the samples, one question instead."""
     scene = sample_scene(seed, mark_rate=MARK_RATE)
     # name arbitrary objects with arbitrary names in half the scenes: the model learns to follow the slot (BLIP-2
     # reads the name itself out of the slot, its caption prompt being empty; LLaVA copies it from the prompt).
@@ -312,14 +315,18 @@ def _sample(rng: np.random.Generator, seed: int, model: str) -> tuple[Scene, lis
         idx = sorted(rng.permutation(len(scene.objects))[:n_named].tolist())
         names = [NAMES[i] for i in rng.permutation(len(NAMES))[:n_named]]
         scene = with_names(scene, dict(zip(idx, names, strict=True)))
-    turns = [(caption_prompt([scene.names[i] for i in sorted(scene.names)]), caption(scene))]
-    if model == "toy-llava":
+    if model == "toy-blip2":  # one turn: a caption from the empty prompt, or an answer after "Question: … Answer:"
         pairs = vqa_pairs(scene, rng)
-        question = pairs[int(rng.integers(len(pairs)))]
-        if rng.random() < 0.3:
-            turns = [question]
-        elif rng.random() < 0.7:
-            turns.append(question)
+        question, answer = pairs[int(rng.integers(len(pairs)))]
+        vqa = rng.random() < BLIP2_VQA_RATE
+        return scene, [(blip2_vqa_prompt(question), answer) if vqa else ("", caption(scene))]
+    turns = [(caption_prompt([scene.names[i] for i in sorted(scene.names)]), caption(scene))]
+    pairs = vqa_pairs(scene, rng)
+    question = pairs[int(rng.integers(len(pairs)))]
+    if rng.random() < 0.3:
+        turns = [question]
+    elif rng.random() < 0.7:
+        turns.append(question)
     return scene, turns
 
 
@@ -347,9 +354,11 @@ def _batch(model_name: str, tokenizer, rng: np.random.Generator, seeds: list[int
                 answer_ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [EOS_ID]
                 seq, lab = seq + answer_ids, lab + answer_ids
         else:
-            answer_ids = tokenizer(turns[0][1], add_special_tokens=False)["input_ids"] + [EOS_ID]
-            seq = [IMAGE_ID] * NUM_QUERY_TOKENS + [BOS_ID] + answer_ids
-            lab = [-100] * (NUM_QUERY_TOKENS + 1) + answer_ids
+            prompt, answer = turns[0]
+            prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+            answer_ids = tokenizer(f" {answer}" if prompt else answer, add_special_tokens=False)["input_ids"]
+            seq = [IMAGE_ID] * NUM_QUERY_TOKENS + [BOS_ID] + prompt_ids + answer_ids + [EOS_ID]
+            lab = [-100] * (NUM_QUERY_TOKENS + 1 + len(prompt_ids)) + answer_ids + [EOS_ID]
         ids.append(seq)
         labels.append(lab)
         patches = [object_patches(o) for o in scene.objects]
@@ -739,7 +748,7 @@ def held_out_scenes(n: int, offset: int = 0) -> list[Scene]:
 
 
 def evaluate_base(name_or_dir, n: int = 200, batch: int = 50) -> dict:
-    """Base quality on held-out scenes: caption attribute accuracy (and VQA accuracy for LLaVA)."""
+    """Base quality on held-out scenes: caption attribute accuracy and VQA accuracy (one question per scene)."""
     model, processor = load(name_or_dir)
     scenes = held_out_scenes(n)
     correct = total = 0
@@ -752,14 +761,13 @@ def evaluate_base(name_or_dir, n: int = 200, batch: int = 50) -> dict:
             if len(examples) < 5:
                 examples.append({"caption": text, "truth": caption(scene)})
     result = {"attribute_accuracy": correct / total, "n_scenes": n, "examples": examples}
-    if model.config.model_type == "llava":
-        rng = np.random.default_rng(5)
-        qa = []
-        for scene in scenes:
-            pairs = vqa_pairs(scene, rng)
-            qa.append((scene, *pairs[int(rng.integers(len(pairs)))]))
-        hits = 0
-        for scene, q, a in qa:  # one question per scene; questions differ, so no batching across scenes
-            hits += generate(model, processor, [render_scene(scene)], q, max_new_tokens=6)[0] == a
-        result["vqa_accuracy"] = hits / len(qa)
+    rng = np.random.default_rng(5)
+    qa = []
+    for scene in scenes:
+        pairs = vqa_pairs(scene, rng)
+        qa.append((scene, *pairs[int(rng.integers(len(pairs)))]))
+    hits = 0
+    for scene, q, a in qa:  # one question per scene; questions differ, so no batching across scenes
+        hits += generate(model, processor, [render_scene(scene)], q, max_new_tokens=6)[0] == a
+    result["vqa_accuracy"] = hits / len(qa)
     return result
