@@ -315,14 +315,12 @@ def _sample(rng: np.random.Generator, seed: int, model: str) -> tuple[Scene, lis
         idx = sorted(rng.permutation(len(scene.objects))[:n_named].tolist())
         names = [NAMES[i] for i in rng.permutation(len(NAMES))[:n_named]]
         scene = with_names(scene, dict(zip(idx, names, strict=True)))
-    if model == "toy-blip2":  # one turn: a caption from the empty prompt, or an answer after "Question: … Answer:"
-        pairs = vqa_pairs(scene, rng)
-        question, answer = pairs[int(rng.integers(len(pairs)))]
-        vqa = rng.random() < BLIP2_VQA_RATE
-        return scene, [(blip2_vqa_prompt(question), answer) if vqa else ("", caption(scene))]
-    turns = [(caption_prompt([scene.names[i] for i in sorted(scene.names)]), caption(scene))]
     pairs = vqa_pairs(scene, rng)
     question = pairs[int(rng.integers(len(pairs)))]
+    if model == "toy-blip2":  # one turn: a caption from the empty prompt, or an answer after "Question: … Answer:"
+        vqa = rng.random() < BLIP2_VQA_RATE
+        return scene, [(blip2_vqa_prompt(question[0]), question[1]) if vqa else ("", caption(scene))]
+    turns = [(caption_prompt([scene.names[i] for i in sorted(scene.names)]), caption(scene))]
     if rng.random() < 0.3:
         turns = [question]
     elif rng.random() < 0.7:
@@ -760,14 +758,20 @@ def evaluate_base(name_or_dir, n: int = 200, batch: int = 50) -> dict:
             correct, total = correct + c, total + t
             if len(examples) < 5:
                 examples.append({"caption": text, "truth": caption(scene)})
-    result = {"attribute_accuracy": correct / total, "n_scenes": n, "examples": examples}
+    return {
+        "attribute_accuracy": correct / total,
+        "vqa_accuracy": vqa_accuracy(model, processor, scenes),
+        "n_scenes": n,
+        "examples": examples,
+    }
+
+
+def vqa_accuracy(model, processor, scenes: list[Scene]) -> float:
+    """Share of exact answers to one question per scene, drawn from its scene graph with a fixed seed."""
     rng = np.random.default_rng(5)
-    qa = []
-    for scene in scenes:
-        pairs = vqa_pairs(scene, rng)
-        qa.append((scene, *pairs[int(rng.integers(len(pairs)))]))
     hits = 0
-    for scene, q, a in qa:  # one question per scene; questions differ, so no batching across scenes
-        hits += generate(model, processor, [render_scene(scene)], q, max_new_tokens=6)[0] == a
-    result["vqa_accuracy"] = hits / len(qa)
-    return result
+    for scene in scenes:  # questions differ, so no batching across scenes
+        pairs = vqa_pairs(scene, rng)
+        question, answer = pairs[int(rng.integers(len(pairs)))]
+        hits += generate(model, processor, [render_scene(scene)], question, max_new_tokens=6)[0] == answer
+    return hits / len(scenes)
