@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from myvlm.errors import MyVLMError
-from myvlm.training import Example, TrainingConfig, learn_concept
+from myvlm.training import Example, TrainingConfig, learn_concept, learn_together
 from tiny_vlms import photos, tiny_blip2, tiny_llava
 
 MAKERS = {"llava": tiny_llava, "blip2-opt": lambda: tiny_blip2("opt"), "blip2-t5": lambda: tiny_blip2("t5")}
@@ -85,6 +85,44 @@ def test_fast_loop_without_augmentation_follows_the_reference_loop(family):
     fast = learn_concept(vlm, "bobby", "Bobby", images, examples, config, progress=False)
     torch.testing.assert_close(torch.tensor(fast.losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast.vector, reference.vector, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava", "blip2-opt"])
+def test_joint_loop_inserts_each_image_s_concepts_and_caches_exactly(family):
+    """Training together: photos hold one or both concepts, each inserts its own; cached equals the reference loop."""
+    images = photos(3)
+    examples = [
+        Example(0, ("Bobby is on the sofa .",)),
+        Example(1, ("Alice is on the table .",)),
+        Example(2, ("Bobby and Alice are on the grass .",)),
+    ]
+    present = [("bobby",), ("alice",), ("alice", "bobby")]
+    config = TrainingConfig(steps=3, batch_size=3, augment=False)
+    results = []
+    for views in (None, 1):
+        vlm = MAKERS[family]()
+        starts = torch.randn(2, vlm.concept_width, generator=torch.Generator().manual_seed(1))
+        vlm.add_concept("bobby", "Bobby", starts[0])
+        vlm.add_concept("alice", "Alice", starts[1])
+        result = learn_together(
+            vlm, ["bobby", "alice"], images, examples, present, config, views_per_image=views, progress=False
+        )
+        assert result.vector.shape == (2, vlm.concept_width) and result.steps_done == 3
+        assert torch.equal(vlm.concepts["alice"].vector, result.vector[1])
+        assert not torch.equal(result.vector, starts) and all(torch.isfinite(torch.tensor(result.losses)))
+        results.append(result)
+    torch.testing.assert_close(torch.tensor(results[1].losses), torch.tensor(results[0].losses), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1].vector, results[0].vector, rtol=1e-4, atol=1e-5)
+
+
+def test_joint_training_refuses_untrained_or_single_concepts():
+    vlm = tiny_llava()
+    vlm.add_concept("bobby", "Bobby", torch.ones(vlm.concept_width))
+    examples, present = [Example(0, ("Bobby .",))], [("bobby",)]
+    with pytest.raises(MyVLMError, match="'alice' has no embedding"):
+        learn_together(vlm, ["bobby", "alice"], photos(1), examples, present, progress=False)
+    with pytest.raises(MyVLMError, match="at least two different concepts"):
+        learn_together(vlm, ["bobby", "bobby"], photos(1), examples, present, progress=False)
 
 
 def test_fast_loop_with_view_pool_runs_end_to_end():

@@ -1,6 +1,6 @@
-"""End to end with the CLI alone, on `myvlm toyworld export` data and both toy models: add two concepts, train both,
-caption a folder mix holding one, the other, both or neither, and ask about them. Captions must name exactly the
-concepts each scene graph holds."""
+"""End to end with the CLI alone, on `myvlm toyworld export` data and both toy models: add two concepts, train each
+alone and then both together, caption a folder mix holding one, the other, both or neither, and ask about them.
+Captions must name exactly the concepts each scene graph holds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from myvlm.cli import main
+from myvlm.library import ConceptLibrary
 from myvlm.model import TOY_MODELS
 from myvlm.toyworld import HEAD_ENCODER, render_scene, sample_scene
 from myvlm.toyworld.world import NUMBER_WORDS, POSITIONS, SceneObject, horizontal_position
@@ -39,6 +40,15 @@ def test_two_concepts_train_caption_ask(model, exported, tmp_path, capsys):
         assert main([*add, *negatives, "--encoder", HEAD_ENCODER]) == 0
         train = ["train", name, "--model", model, "--captions", str(folder / "captions.json"), "--library", library]
         assert main(train) == 0
+    # Photos of both together (plus each alone) teach the two vectors to stay apart when inserted together.
+    captions = [str(exported / folder / "captions.json") for folder in ("together", *concepts)]
+    capsys.readouterr()
+    assert main(["train", *concepts, "--model", model, "--captions", *captions, "--library", library]) == 0
+    trained_together = capsys.readouterr().out
+    stored = ConceptLibrary(library).get(concepts[0]).embeddings[model]
+    if model == "toy-blip2":  # alone, its two vectors read as one name, or a third one
+        assert f"trained {' + '.join(concepts)} together" in trained_together, trained_together
+        assert stored["together"]["with"] == concepts[1:], stored
     graphs = json.loads((exported / "scene_graphs.json").read_text())
 
     def present(path) -> set[str]:
@@ -62,14 +72,12 @@ def test_two_concepts_train_caption_ask(model, exported, tmp_path, capsys):
     heads_rate = {k: sum(v) / len(v) for k, v in heads_right.items()}
     naming_rate = {k: sum(v) / len(v) for k, v in named_as_detected.items()}
     # Measured (issue #5 asks for 1.0 everywhere):
-    #   toy-llava heads 1.00 / 1.00 / 1.00 (no / one / two concepts); captions name the detected 1.00 / 1.00 / 1.00;
-    #   toy-blip2 heads 1.00 / 1.00 / 1.00 (the same toy-CLIP heads); captions name it 1.00 / 1.00 / 0.00 (it mostly
-    #   names one of two slots; 0.10 with the former single training start).
+    #   toy-llava heads 1.00 / 1.00 / 1.00 (no / one / two concepts); captions name the detected 1.00 / 1.00 / 1.00
+    #   (trained together it named both on no more photos together, so it kept the vectors trained alone);
+    #   toy-blip2 heads 1.00 / 1.00 / 1.00 (the same toy-CLIP heads); captions name it 1.00 / 1.00 / 1.00 (trained
+    #   alone only: 0.00, it names one of the two or a third name).
     assert min(heads_rate.values()) >= 0.95, heads_rate
-    if model == "toy-llava":
-        assert naming_rate[0] == naming_rate[1] == 1.0 and naming_rate[2] >= 0.9, naming_rate
-    else:
-        assert naming_rate[0] == 1.0 and naming_rate[1] >= 0.85, naming_rate
+    assert naming_rate[0] == 1.0 and naming_rate[1] >= 0.9 and naming_rate[2] >= 0.8, naming_rate
 
     # Both toy models are pretrained on VQA: answers are checked against the scene graph.
     placed = counted = 0
@@ -87,7 +95,7 @@ def test_two_concepts_train_caption_ask(model, exported, tmp_path, capsys):
         counted += capsys.readouterr().out.strip() == NUMBER_WORDS[len(graph["objects"])]
     print(model, "heads right:", heads_rate, "captions name exactly the detected concepts:", naming_rate)
     print(model, f"ask: {placed}/10 positions, {counted}/10 counts right")
-    # Measured: toy-llava 8/10 positions (chance: about 3) and 7/10 counts; toy-blip2 3/10 and 10/10 (RESULTS.md).
+    # Measured: toy-llava 8/10 positions (chance: about 3) and 7/10 counts; toy-blip2 3/10 and 9/10 (RESULTS.md).
     assert counted >= 5, f"{counted}/10 object counts right"
     if model == "toy-llava":
         assert placed >= 5, f"{placed}/10 positions right"

@@ -475,6 +475,49 @@ def test_corrupted_head_tensors(lib):
         library.load_head("Ann")
 
 
+def test_training_together_explains_what_is_missing_and_never_loses_an_embedding(tmp_path, lib, model_dir, capsys):
+    library = ConceptLibrary(lib)
+    for name in ("Bobby", "Alice"):
+        library.create(name, kind="object")
+    folder = bobby_folder(tmp_path, None)
+    captions = folder / "captions.json"
+
+    def write_captions(mapping: dict) -> str:
+        captions.write_text(json.dumps(mapping))
+        return str(captions)
+
+    good = {"0.png": "Bobby and Alice are on the sofa .", "1.png": "Alice is on the table .", "2.png": "Bobby ."}
+    train = ["train", "Bobby", "Alice", "--model", str(model_dir), "--steps", "2", "--library", lib]
+    assert "needs --captions naming them in each photo" in cli_error(capsys, *train)
+    given = ["--captions", write_captions(good)]
+    assert "takes captions only, not --images" in cli_error(capsys, *train, *given, "--images", str(folder))
+    assert "takes captions only, not --task vqa" in cli_error(capsys, *train, *given, "--task", "vqa")
+    assert "concept 'Bobby' has no embedding for" in cli_error(capsys, *train, *given)
+    write_captions({**good, "3.png": "a dog ."})
+    assert "3.png: no caption names any of 'Bobby', 'Alice'" in cli_error(capsys, *train, *given)
+    write_captions({"0.png": "Bobby .", "1.png": "Alice ."})
+    assert "no photo's caption names two of the concepts" in cli_error(capsys, *train, *given)
+    assert "each concept may be named once" in cli_error(capsys, *train[:2], "Bobby", *train[3:], "--captions", "x")
+    line = cli_error(capsys, "train", "Bobby", "--model", str(model_dir), "--captions", "a.json", "b.json")
+    assert "one captions file per concept" in line
+    alone = ["--steps", "2", "--library", lib]
+    for name in ("Bobby", "Alice"):
+        write_captions({f"{i}.png": f"{name} is on the sofa ." for i in range(4)})
+        assert main(["train", name, "--model", str(model_dir), "--captions", str(captions), *alone]) == 0
+    stored = {n: library.load_embedding(n, str(model_dir.resolve())) for n in ("Bobby", "Alice")}
+    write_captions({"0.png": "Bobby and Alice are on the sofa .", "1.png": "Bobby .", "2.png": "Alice ."})
+    capsys.readouterr()
+    assert main([*train, "--captions", str(captions)]) == 0
+    out = capsys.readouterr().out
+    entries = ConceptLibrary(lib).get("Bobby").embeddings[str(model_dir.resolve())]
+    if "kept the embeddings trained alone" in out:  # the tiny random model names nothing either way
+        assert "together" not in entries
+        for name, vector in stored.items():
+            assert torch.equal(ConceptLibrary(lib).load_embedding(name, str(model_dir.resolve())), vector)
+    else:
+        assert entries["together"]["with"] == ["Alice"] and entries["steps"] == 2, entries
+
+
 # --- 3. training ----------------------------------------------------------------------------------------------------
 def fail_on_call(monkeypatch, vlm_class_backend, call: int, outcome):
     """Make the backend's training loss return NaN (or raise) from its `call`-th call on."""

@@ -126,7 +126,11 @@ def test_export_layout(tmp_path):
     negatives = json.loads((out / "negatives" / "captions.json").read_text())
     assert negatives and not any(i in cap for caps in negatives.values() for cap in caps for i in idents)
     pairs = json.loads((out / "two_concepts" / "captions.json").read_text())
-    assert all(all(i in caps[0] for i in idents) for caps in pairs.values())
+    together = json.loads((out / "together" / "captions.json").read_text())
+    assert len(pairs) == 10 and len(together) == 8
+    assert all(all(i in caps[0] for i in idents) for caps in [*pairs.values(), *together.values()])
+    held_out = {json.dumps(graphs[f"two_concepts/{f}"]["objects"]) for f in pairs}
+    assert not held_out & {json.dumps(graphs[f"together/{f}"]["objects"]) for f in together}
     again = toyworld.export_dataset(tmp_path / "again", n_concepts=2, seed=0)
     assert (again / "scene_graphs.json").read_bytes() == (out / "scene_graphs.json").read_bytes()
 

@@ -11,7 +11,15 @@ from myvlm.errors import MyVLMError
 from myvlm.library import Concept, ConceptLibrary
 from myvlm.model import Caption, PersonalizedVLM, load
 from myvlm.official import load_official_embedding
-from myvlm.training import Example, TrainingConfig, TrainingResult, caption_examples, learn_concept, with_identifier
+from myvlm.training import (
+    Example,
+    TrainingConfig,
+    TrainingResult,
+    caption_examples,
+    learn_concept,
+    learn_together,
+    with_identifier,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +37,7 @@ __all__ = [
     "TrainingResult",
     "caption_examples",
     "learn_concept",
+    "learn_together",
     "load",
     "load_official_embedding",
     "register_backend",

@@ -179,14 +179,27 @@ def cmd_ask(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from myvlm.personalize import train_concept
+    from myvlm.personalize import train_concept, train_together
 
+    captions = args.captions or []
+    if len(args.name) > 1:
+        unsupported = [flag for flag, used in (("--images", args.images), ("--resume", args.resume)) if used]
+        if args.task != "caption":
+            unsupported.append("--task vqa")
+        if unsupported:
+            raise MyVLMError(f"training several concepts together takes captions only, not {unsupported[0]}")
+        if not captions:
+            raise MyVLMError("training several concepts together needs --captions naming them in each photo")
+        train_together(_library(args), args.name, args.model, captions=captions, steps=args.steps, seed=args.seed)
+        return
+    if len(captions) > 1:
+        raise MyVLMError("one captions file per concept; give several only when training several concepts together")
     train_concept(
         _library(args),
-        args.name,
+        args.name[0],
         args.model,
         task=args.task,
-        captions=args.captions,
+        captions=captions[0] if captions else None,
         images=args.images,
         steps=args.steps,
         seed=args.seed,
@@ -298,11 +311,20 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--json", help="write detections to this file")
 
     train = with_library(add("train", cmd_train, "learn a concept's embedding for a model"))
-    train.add_argument("name")
+    train.add_argument(
+        "name",
+        nargs="+",
+        help="the concept; several concepts already trained alone are fine-tuned together, so one caption names all",
+    )
     train.add_argument("--model", required=True, help="hub id, local folder, toy-llava or toy-blip2")
     train.add_argument("--task", choices=["caption", "vqa"], default="caption")
     train.add_argument("--images", nargs="+", help="training photos (default: a concept folder given by --captions)")
-    train.add_argument("--captions", help="captions.json (image name -> captions), in the concept's photo folder")
+    train.add_argument(
+        "--captions",
+        nargs="+",
+        help="captions.json (image name -> captions) in the photos' folder; for several concepts, files of photos "
+        "showing them together and of each alone",
+    )
     train.add_argument("--steps", type=positive_int, default=100)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue an interrupted training (Ctrl-C, crash)")

@@ -119,39 +119,129 @@ def learn_concept(
     config = config or TrainingConfig()
     if not images or not examples:
         raise MyVLMError(f"concept '{name}': no training images or captions")
-    if views_per_image is not None and views_per_image < 1:
-        raise MyVLMError("views_per_image must be at least 1")
     for example in examples:
         if not any(identifier in answer for answer in example.answers) and example.question is None:
             raise MyVLMError(f"concept '{name}': caption '{example.answers[0]}' does not contain '{identifier}'")
     backend = vlm.backend
     view_rng = np.random.default_rng([config.seed, 1])
-    pool = None
-    if views_per_image is not None:
-        count = views_per_image if config.augment else 1
-        pool = [
-            backend.cache_views([augment(image, view_rng) for _ in range(count)] if config.augment else [image])
-            for image in images
-        ]
-    concept = vlm.add_concept(name, identifier, torch.zeros(vlm.concept_width))
-    from tqdm.auto import tqdm
-
+    pool = _view_pool(backend, images, views_per_image, config, view_rng)
+    vlm.add_concept(name, identifier, torch.zeros(vlm.concept_width))
     starts = backend.training_starts if config.starts is None else config.starts
     probing = init is None and starts > 1 and config.steps > config.probe_steps
     total = config.steps + (starts - 1) * config.probe_steps if probing else config.steps
-    bar = tqdm(total=total, disable=None if progress else True, desc=f"learning {name}", unit="step")
+    bar = _progress_bar(total, progress, f"learning {name}")
+    run = _Run(vlm, (name,), images, examples, lambda example: (name,), pool, config, bar)
 
     def streams(seed: int):
         """Examples and answers come from one stream, views from another: both loops sample the same examples."""
         return np.random.default_rng(seed), np.random.default_rng([seed, 2])
 
-    def descend(start: torch.Tensor, steps: int, rngs, first_step: int = 0, report=None) -> TrainingResult:
-        """`steps` optimizer steps from `start`, drawing examples and views from `rngs`."""
+    if not probing:  # the official loop
+        start = initial_vector(vlm.concept_width, config.seed) if init is None else init
+        result = run.descend(start[None], config.steps, (np.random.default_rng(config.seed), view_rng), report=on_step)
+    else:
+        seeds = [config.seed + k * 1_000_003 for k in range(starts)]
+        probes = [
+            run.descend(initial_vector(vlm.concept_width, s)[None], config.probe_steps, streams(s)) for s in seeds
+        ]
+        finished = [p for p in probes if p.losses and p.stopped_early is None]
+        result = min(finished or probes, key=lambda p: float(np.mean(p.losses[-10:])) if p.losses else math.inf)
+        if finished:
+            rest_steps = config.steps - config.probe_steps
+            rest = run.descend(result.vector[None], rest_steps, streams(seeds[0] + 1), config.probe_steps, on_step)
+            result = TrainingResult(rest.vector, result.losses + rest.losses, rest.steps_done, rest.stopped_early)
+    bar.close()
+    vlm.concepts[name].vector = result.vector.to(backend.device)
+    return result
+
+
+def learn_together(
+    vlm: PersonalizedVLM,
+    names: Sequence[str],
+    images: Sequence[Image.Image],
+    examples: Sequence[Example],
+    present: Sequence[Sequence[str]],
+    config: TrainingConfig | None = None,
+    *,
+    views_per_image: int | None = VIEWS_PER_IMAGE,
+    progress: bool = True,
+) -> TrainingResult:
+    """Fine-tune the embeddings of several concepts at once on photos that show them together (MC-LLaVA's joint
+    training). Each concept starts from the vector the model holds (trained alone) and keeps its own; every example
+    inserts the concepts its image holds (`present[image]`), so photos of one concept alone keep it nameable alone.
+
+    Why: vectors learnt apart need not stay apart when inserted together. BLIP-2's Q-Former mixes two of them into
+    what reads as a third name (toy-blip2 named both of two concepts in 0.008 of scenes, benchmarks/RESULTS.md).
+    The result's `vector` holds one row per name, in the order of `names`.
+    """
+    config = config or TrainingConfig()
+    unknown = [n for n in names if n not in vlm.concepts]
+    if unknown:
+        raise MyVLMError(f"concept '{unknown[0]}' has no embedding for {vlm.model_id}; train it alone first")
+    if len(set(names)) < 2:
+        raise MyVLMError("training together needs at least two different concepts")
+    if not images or not examples:
+        raise MyVLMError("no training photos or captions to train the concepts together on")
+    backend = vlm.backend
+    view_rng = np.random.default_rng([config.seed, 1])
+    pool = _view_pool(backend, images, views_per_image, config, view_rng)
+    starts = torch.stack([vlm.concepts[n].vector.detach().float() for n in names])
+    bar = _progress_bar(config.steps, progress, f"learning {' + '.join(names)} together")
+    run = _Run(vlm, tuple(names), images, examples, lambda example: tuple(present[example.image]), pool, config, bar)
+    result = run.descend(starts, config.steps, (np.random.default_rng(config.seed), view_rng))
+    bar.close()
+    for name, vector in zip(names, result.vector, strict=True):
+        vlm.concepts[name].vector = vector.to(backend.device)
+    return result
+
+
+def _view_pool(backend, images, views_per_image, config, view_rng) -> list | None:
+    """Per image, `views_per_image` augmented views encoded once (None: the official uncached loop)."""
+    if views_per_image is None:
+        return None
+    if views_per_image < 1:
+        raise MyVLMError("views_per_image must be at least 1")
+    count = views_per_image if config.augment else 1
+    return [
+        backend.cache_views([augment(image, view_rng) for _ in range(count)] if config.augment else [image])
+        for image in images
+    ]
+
+
+def _progress_bar(total: int, enabled: bool, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=None if enabled else True, desc=description, unit="step")
+
+
+@dataclass
+class _Run:
+    """What stays fixed while vectors descend: the model, whose vectors train, the data and the settings."""
+
+    vlm: PersonalizedVLM
+    names: tuple[str, ...]
+    images: Sequence[Image.Image]
+    examples: Sequence[Example]
+    concepts_in: Callable[[Example], tuple[str, ...]]  # the concepts an example's image holds
+    pool: list | None
+    config: TrainingConfig
+    bar: object
+
+    def descend(self, starts: torch.Tensor, steps: int, rngs, first_step: int = 0, report=None) -> TrainingResult:
+        """`steps` optimizer steps from `starts` (one row per name), drawing examples and views from `rngs`. The
+        result holds one vector for one name, else one row per name."""
+        vlm, config, examples = self.vlm, self.config, self.examples
+        backend = vlm.backend
         rng, view_pick = rngs
-        vector = torch.nn.Parameter(start.clone().float().to(backend.device))
-        concept.vector = vector
-        optimizer = torch.optim.AdamW([vector], lr=config.lr, weight_decay=config.weight_decay)
-        result = TrainingResult(vector.detach().clone())
+        vectors = [torch.nn.Parameter(row.clone().float().to(backend.device)) for row in starts]
+        for name, vector in zip(self.names, vectors, strict=True):
+            vlm.concepts[name].vector = vector
+
+        def kept() -> torch.Tensor:
+            return vectors[0].detach().clone() if len(vectors) == 1 else torch.stack([v.detach() for v in vectors])
+
+        optimizer = torch.optim.AdamW(vectors, lr=config.lr, weight_decay=config.weight_decay)
+        result = TrainingResult(kept())
         order: list[int] = []
         for step in range(first_step, first_step + steps):
             picked = []
@@ -159,23 +249,26 @@ def learn_concept(
                 if not order:
                     order = list(rng.permutation(len(examples)))
                 picked.append(examples[order.pop()])
+            inserted = [sorted(self.concepts_in(example)) for example in picked]
             prompts, targets = [], []
-            for example in picked:
+            for example, names in zip(picked, inserted, strict=True):
                 targets.append(example.answers[int(rng.integers(len(example.answers)))])
                 if example.question is None:
-                    prompts.append(backend.prompt(CAPTION, [identifier]))
+                    prompts.append(backend.prompt(CAPTION, [vlm.concepts[n].identifier for n in names]))
                 else:
                     prompts.append(backend.prompt(VQA, question=example.question))
-            if pool is None:
+            counts = [len(names) for names in inserted]
+            if self.pool is None:
+                images = self.images
                 views = [augment(images[e.image], view_pick) if config.augment else images[e.image] for e in picked]
-                batch = backend.encode(views, prompts, [1] * len(picked), targets)
+                batch = backend.encode(views, prompts, counts, targets)
             else:
-                cached = [pool[e.image][int(view_pick.integers(len(pool[e.image])))] for e in picked]
+                cached = [self.pool[e.image][int(view_pick.integers(len(self.pool[e.image])))] for e in picked]
                 # Token ids depend only on the image size: the original images stand in for the views, without pixels.
-                batch = backend.encode([images[e.image] for e in picked], prompts, [1] * len(picked), targets, False)
-            with vlm.activate([[name]] * len(picked), record_attention=True) as injection:
+                batch = backend.encode([self.images[e.image] for e in picked], prompts, counts, targets, False)
+            with vlm.activate(inserted, record_attention=True) as injection:
                 injection.batch = batch
-                cross_entropy = backend.loss(batch) if pool is None else backend.cached_loss(batch, cached)
+                cross_entropy = backend.loss(batch) if self.pool is None else backend.cached_loss(batch, cached)
                 regularizer = backend.regularizer(config.task, config.reg_lambda)
             loss = cross_entropy + regularizer
             if not math.isfinite(loss.item()):
@@ -184,35 +277,19 @@ def learn_concept(
             measured = result.vector  # the vector this loss was measured on: no copy beyond the one kept anyway
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([vector], config.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(vectors, config.max_grad_norm)
             optimizer.step()
-            if not torch.isfinite(vector).all():
+            if not all(torch.isfinite(v).all() for v in vectors):
                 result.stopped_early = f"embedding became non-finite at step {step}; kept the last finite embedding"
                 break
-            result.vector = vector.detach().clone()
+            result.vector = kept()
             result.losses.append(loss.item())
             result.steps_done = step + 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}", reg=f"{regularizer.item():.4f}")
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{loss.item():.3f}", reg=f"{regularizer.item():.4f}")
             if report is not None:
                 report(step, loss.item(), measured)
         return result
-
-    if not probing:  # the official loop
-        start = initial_vector(vlm.concept_width, config.seed) if init is None else init
-        result = descend(start, config.steps, (np.random.default_rng(config.seed), view_rng), report=on_step)
-    else:
-        seeds = [config.seed + k * 1_000_003 for k in range(starts)]
-        probes = [descend(initial_vector(vlm.concept_width, s), config.probe_steps, streams(s)) for s in seeds]
-        finished = [p for p in probes if p.losses and p.stopped_early is None]
-        result = min(finished or probes, key=lambda p: float(np.mean(p.losses[-10:])) if p.losses else math.inf)
-        if finished:
-            rest_steps = config.steps - config.probe_steps
-            rest = descend(result.vector, rest_steps, streams(seeds[0] + 1), config.probe_steps, on_step)
-            result = TrainingResult(rest.vector, result.losses + rest.losses, rest.steps_done, rest.stopped_early)
-    bar.close()
-    concept.vector = result.vector.to(backend.device)
-    return result
 
 
 def caption_examples(captions: Sequence[Sequence[str]]) -> list[Example]:

@@ -73,9 +73,9 @@ def concept_data(
     return out
 
 
-def two_concept_examples(concepts: list[Concept], n: int = 10, seed: int = 0) -> list[Example]:
-    """Scenes holding the first two concepts together."""
-    base = CONCEPT_SEED_BASE + seed * 1_000_000 + 900_000
+def two_concept_examples(concepts: list[Concept], n: int = 10, seed: int = 0, training: bool = False) -> list[Example]:
+    """Scenes holding the first two concepts together: held-out ones, or (``training``) photos to train them on."""
+    base = CONCEPT_SEED_BASE + seed * 1_000_000 + (800_000 if training else 900_000)
     return [_example(base + i, concepts=tuple(concepts[:2])) for i in range(n)]
 
 
@@ -90,7 +90,8 @@ def export_dataset(out_dir, n_concepts: int = 2, seed: int = 0) -> Path:
         <identifier>/positives/*.png       held-out photos of the concept in new scenes (personalized captions)
         <identifier>/hard_negatives/*.png  same shape and colour, without the distinguishing mark (base captions)
         negatives/*.png                    scenes without any concept (base captions)
-        two_concepts/*.png                 scenes with the first two concepts (only when n_concepts >= 2)
+        together/*.png                     8 training photos of the first two concepts together (n_concepts >= 2)
+        two_concepts/*.png                 held-out scenes with the first two concepts (only when n_concepts >= 2)
 
     Personalized captions name the concept by its identifier in subject position; negatives keep base captions.
     """
@@ -117,7 +118,9 @@ def export_dataset(out_dir, n_concepts: int = 2, seed: int = 0) -> Path:
         write(f"{ident}/hard_negatives", d.hard_negatives, "hard_", False)
     write("negatives", data[0].negatives, "neg_", False)
     if n_concepts >= 2:
-        write("two_concepts", two_concept_examples([d.concept for d in data], seed=seed), "pair_", True)
+        concepts = [d.concept for d in data]
+        write("together", two_concept_examples(concepts, 8, seed, training=True), "together_", True)
+        write("two_concepts", two_concept_examples(concepts, seed=seed), "pair_", True)
     index = [
         {
             "identifier": d.concept.identifier,
