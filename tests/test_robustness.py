@@ -497,6 +497,8 @@ def test_training_together_explains_what_is_missing_and_never_loses_an_embedding
     assert "3.png: no caption names any of 'Bobby', 'Alice'" in cli_error(capsys, *train, *given)
     write_captions({"0.png": "Bobby .", "1.png": "Alice ."})
     assert "no photo's caption names two of the concepts" in cli_error(capsys, *train, *given)
+    write_captions({"0.png": ["Bobby and Alice .", "Alice ."], "1.png": ["Bobby .", "Alice ."]})
+    assert "1.png: its captions name different concepts" in cli_error(capsys, *train, *given)
     assert "each concept may be named once" in cli_error(capsys, *train[:2], "Bobby", *train[3:], "--captions", "x")
     line = cli_error(capsys, "train", "Bobby", "--model", str(model_dir), "--captions", "a.json", "b.json")
     assert "one captions file per concept" in line
@@ -516,6 +518,8 @@ def test_training_together_explains_what_is_missing_and_never_loses_an_embedding
             assert torch.equal(ConceptLibrary(lib).load_embedding(name, str(model_dir.resolve())), vector)
     else:
         assert entries["together"]["with"] == ["Alice"] and entries["steps"] == 2, entries
+        assert main(["concept", "list", "--library", lib]) == 0
+        assert "(trained with Alice)" in capsys.readouterr().out
 
 
 # --- 3. training ----------------------------------------------------------------------------------------------------

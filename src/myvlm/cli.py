@@ -94,11 +94,15 @@ def cmd_concept_list(args) -> None:
         return
     if not rows:
         print(f"no concepts in {_library(args).root}")
+
+    def describe(model: str, entry: dict) -> str:
+        if not entry.get("complete", True):
+            return f"{model} (interrupted at step {entry.get('steps')}; --resume)"
+        together = entry.get("together")
+        return f"{model} (trained with {', '.join(together['with'])})" if together else model
+
     for row, concept in zip(rows, concepts, strict=True):
-        models = ", ".join(
-            m if entry.get("complete", True) else f"{m} (interrupted at step {entry.get('steps')}; --resume)"
-            for m, entry in sorted(concept.embeddings.items())
-        )
+        models = ", ".join(describe(m, entry) for m, entry in sorted(concept.embeddings.items()))
         models = models or "no embeddings yet"
         print(
             f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} class={row['class_word']}  {models}"

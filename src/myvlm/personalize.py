@@ -236,6 +236,10 @@ def together_photos(captions_files: Sequence[str], concepts: Sequence[Concept]):
             if not holds:
                 wanted = ", ".join(f"'{c.identifier}'" for c in concepts)
                 raise MyVLMError(f"{path}: no caption names any of {wanted}")
+            # A caption that leaves out a concept the photo holds would teach the model to leave it out.
+            named = [t for t in named if all(word_pattern(c.identifier).search(t) for c in concepts if c.name in holds)]
+            if not named:
+                raise MyVLMError(f"{path}: its captions name different concepts; name all it shows in each caption")
             examples.append(Example(len(images), tuple(named)))
             images.append(load_image(path))
             present.append(holds)
