@@ -73,7 +73,7 @@ def test_two_concepts_train_caption_ask(model, exported, tmp_path, capsys):
     naming_rate = {k: sum(v) / len(v) for k, v in named_as_detected.items()}
     # Measured (issue #5 asks for 1.0 everywhere):
     #   toy-llava heads 1.00 / 1.00 / 1.00 (no / one / two concepts); captions name the detected 1.00 / 1.00 / 1.00
-    #   (trained together it named both on no more photos together, so it kept the vectors trained alone);
+    #   (its vectors trained alone already name both on all 8 photos together, so it keeps them);
     #   toy-blip2 heads 1.00 / 1.00 / 1.00 (the same toy-CLIP heads); captions name it 1.00 / 1.00 / 1.00 (trained
     #   alone only: 0.00, it names one of the two or a third name).
     assert min(heads_rate.values()) >= 0.95, heads_rate

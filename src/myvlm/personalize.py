@@ -225,9 +225,9 @@ def together_photos(captions_files: Sequence[str], concepts: Sequence[Concept]):
         captions_path = Path(captions_file)
         for name, given in read_captions(captions_path).items():
             path = captions_path.parent / name
-            if path.resolve() in seen:
+            if (resolved := path.resolve()) in seen:  # the same photo listed in two captions files
                 continue
-            seen.add(path.resolve())
+            seen.add(resolved)
             named = given
             for concept in concepts:
                 person = concept.kind == "person"

@@ -259,8 +259,8 @@ class _Run:
                     prompts.append(backend.prompt(VQA, question=example.question))
             counts = [len(names) for names in inserted]
             if self.pool is None:
-                images = self.images
-                views = [augment(images[e.image], view_pick) if config.augment else images[e.image] for e in picked]
+                originals = [self.images[e.image] for e in picked]
+                views = [augment(image, view_pick) for image in originals] if config.augment else originals
                 batch = backend.encode(views, prompts, counts, targets)
             else:
                 cached = [self.pool[e.image][int(view_pick.integers(len(self.pool[e.image])))] for e in picked]
