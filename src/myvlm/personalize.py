@@ -290,10 +290,14 @@ def train_together(
     if before == n_together:
         print(f"kept the embeddings trained alone: they already name {joined} on all {n_together} photos together")
         return
+
+    def hold(vectors: dict) -> None:
+        for name, vector in vectors.items():
+            vlm.concepts[name].vector = vector
+
     result, tries = None, []
     for attempt in range(TOGETHER_ATTEMPTS):
-        for name, vector in alone.items():
-            vlm.concepts[name].vector = vector
+        hold(alone)
         config = TrainingConfig(steps=steps, seed=seed + attempt)
         trial = learn_together(vlm, list(names), images, examples, present, config)
         tries.append(named_together(vlm, photos_together, holds_together) if trial.steps_done == steps else -1)
@@ -302,8 +306,7 @@ def train_together(
         if best == n_together:
             break
     if result is None:
-        for name, vector in alone.items():
-            vlm.concepts[name].vector = vector
+        hold(alone)
         print(
             f"kept the embeddings trained alone: they name {joined} exactly on {before} of {n_together} photos "
             f"together, {len(tries)} trainings together on {max(tries)} at most"
@@ -319,7 +322,7 @@ def train_together(
             "final_loss": round(result.losses[-1], 4),
         }
         library.save_embedding(name, vlm.model_id, vector, **info, together=together_info)
-        vlm.concepts[name].vector = vector
+    hold(dict(zip(names, result.vector, strict=True)))
     print(
         f"trained {joined} together for {vlm.model_id} ({steps} steps, {len(images)} photos): named exactly on "
         f"{best} of {n_together} photos together (trained alone: {before})"
