@@ -73,8 +73,7 @@ def test_llava_regularizer_equals_hand_computation_from_eager_attention():
     vlm.add_concept("bobby", "Bobby", random_vector(vlm, 2))
     prompts = [vlm.backend.prompt("caption", ["Bobby"])] * 2
     batch = vlm.backend.encode(photos(2), prompts, [1, 1], ["Bobby is on the sofa .", "Bobby ."])
-    with vlm.activate([["bobby"], ["bobby"]], record_attention=True) as injection:
-        injection.batch = batch
+    with vlm.activate([["bobby"], ["bobby"]], record_attention=True, batch=batch):
         outputs = vlm.model(**batch.inputs, output_attentions=True)
         ours = vlm.backend.regularizer("caption")
     lam = vlm.backend.reg_lambda["caption"]
@@ -101,8 +100,7 @@ def test_blip2_regularizer_equals_hand_computation_from_eager_attention(language
         if layer.has_cross_attention:
             layer.crossattention.attention.register_forward_hook(lambda m, a, out: probabilities.append(out[1]))
     batch = vlm.backend.encode(photos(2), ["", ""], [2, 1], ["Bobby and Alice .", "Bobby ."])
-    with vlm.activate([["bobby", "alice"], ["bobby"]], record_attention=True) as injection:
-        injection.batch = batch
+    with vlm.activate([["bobby", "alice"], ["bobby"]], record_attention=True, batch=batch):
         vlm.model(**batch.inputs)
         ours = vlm.backend.regularizer("caption")
     n_image = vlm.model.config.vision_config.image_size // vlm.model.config.vision_config.patch_size

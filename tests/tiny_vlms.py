@@ -175,7 +175,6 @@ def pretrain_with_named_slots(vlm: PersonalizedVLM, steps: int = 600, seed: int 
     ("Bobby is on the sofa ."). A random LM ignores its inputs; this one reads its visual tokens and can say a name,
     so a learned concept vector has a path to follow, as in a pretrained VLM."""
     from myvlm.augment import augment
-    from myvlm.backends import Injection
 
     backend, width = vlm.backend, vlm.concept_width
     generator = torch.Generator().manual_seed(seed)
@@ -200,11 +199,8 @@ def pretrain_with_named_slots(vlm: PersonalizedVLM, steps: int = 600, seed: int 
                 targets.append(f"{name} is on the {place} .")
         prompts = [backend.prompt("caption", ["Bobby"] if len(s) else []) for s in slots]
         batch = backend.encode(images, prompts, [len(s) for s in slots], targets)
-        backend.injection = Injection(slots)
-        try:
+        with backend.inject(slots, batch=batch):
             loss = backend.loss(batch)
-        finally:
-            backend.injection = None
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,8 +1,9 @@
-"""What every VLM family shares: the active-concept state the hooks read, batching, and decoding.
+"""What every VLM family shares: the per-forward state the hooks read, batching, and decoding.
 
 A backend is a small adapter around one HF model class. It registers forward hooks at the place where the concept
 token enters (the VLM weights are never modified) and says how that family's prompts look. Hooks only change anything
-while concepts are active, so with nothing detected the model runs its untouched code path.
+inside `Backend.inject(...)`, the one entry point that sets concepts for the next forward passes, so with nothing
+injected the model runs its untouched code path.
 """
 
 from __future__ import annotations
@@ -34,14 +35,19 @@ class Batch:
 
 @dataclass
 class Injection:
-    """Concept vectors to insert for the current batch: one [k_i, width] tensor per sample (k_i may be 0)."""
+    """Everything one forward pass with concepts needs and leaves behind; made by `Backend.inject` only.
+
+    Set by the caller: the concept vectors to insert, one [k_i, width] tensor per sample (k_i may be 0), whether to
+    record the regularizer's attention terms, and the batch (token positions, padding mask; `loss` fills it in).
+    Written by the hooks during the pass: the attention terms (one per attention layer) and the family's scratch
+    values (`scratch`, e.g. BLIP-2's image-token count, slot mask and queries), so none of it lives on the backend.
+    """
 
     vectors: list[torch.Tensor]
     record_attention: bool = False
-    # The batch being run, for hooks that need token positions or the padding mask.
     batch: Batch | None = None
-    # Filled by the hooks while record_attention is on: one regularizer term per attention layer.
     attention_terms: list[torch.Tensor] = field(default_factory=list)
+    scratch: dict[str, torch.Tensor | int] = field(default_factory=dict)
 
     @property
     def any(self) -> bool:
@@ -66,7 +72,7 @@ class Backend:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        self.injection: Injection | None = None
+        self._injection: Injection | None = None
         self._handles: list = []
         self._prompt_ids: dict[tuple[str, tuple[int, int]], list[int]] = {}
         self._register_hooks()
@@ -95,6 +101,25 @@ class Backend:
         raise NotImplementedError
 
     # --- shared -------------------------------------------------------------------------------------------------
+    @property
+    def injection(self) -> Injection | None:
+        """The state of the forward passes now running inside `inject`, or None (read-only: use `inject`)."""
+        return self._injection
+
+    @contextlib.contextmanager
+    def inject(
+        self, vectors: Sequence[torch.Tensor], *, batch: Batch | None = None, record_attention: bool = False
+    ) -> Iterator[Injection]:
+        """Insert `vectors[b]` ([k_b, width], k_b may be 0) into sample b of the forward passes run inside; the one
+        way concepts enter. With `record_attention`, the hooks record the regularizer's terms (`regularizer`)."""
+        if self._injection is not None:
+            raise RuntimeError("concepts are already being injected; inject() does not nest")
+        self._injection = Injection(list(vectors), record_attention=record_attention, batch=batch)
+        try:
+            yield self._injection
+        finally:
+            self._injection = None
+
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -135,8 +160,8 @@ class Backend:
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int = 40) -> list[str]:
-        inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        self._running(batch)
+        inputs = self.model_inputs(batch)
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         if self.generation_includes_prompt:
             output = output[:, inputs["input_ids"].shape[1] :]
@@ -147,8 +172,14 @@ class Backend:
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         return inputs
 
+    def _running(self, batch: Batch) -> None:
+        """Tell the active injection (if any) which batch is running, for hooks that need its positions or mask."""
+        if self._injection is not None:
+            self._injection.batch = batch
+
     def loss(self, batch: Batch) -> torch.Tensor:
         """Cross-entropy of the targets; hooks record attention terms on the way when asked to."""
+        self._running(batch)
         return self.model(**self.model_inputs(batch), use_cache=False).loss
 
     # --- cached training (learn_concept with views_per_image) -----------------------------------------------
@@ -164,18 +195,18 @@ class Backend:
     @contextlib.contextmanager
     def hooks_off(self) -> Iterator[None]:
         """Run frozen sub-computations (cached prefixes, vision states) as the untouched model, even mid-step."""
-        injection, self.injection = self.injection, None
+        injection, self._injection = self._injection, None
         try:
             yield
         finally:
-            self.injection = injection
+            self._injection = injection
 
     def regularizer(self, task: str, reg_lambda: float | None = None) -> torch.Tensor:
         """λ · Σ_layers mean(p²) of the concept token's attention, from terms the hooks recorded this pass."""
-        if self.injection is None or not self.injection.attention_terms:
+        if self._injection is None or not self._injection.attention_terms:
             raise RuntimeError("no attention was recorded: run a forward pass with record_attention=True")
         lam = self.reg_lambda[task] if reg_lambda is None else reg_lambda
-        return lam * torch.stack(self.injection.attention_terms).sum()
+        return lam * torch.stack(self._injection.attention_terms).sum()
 
 
 def normalized(vectors: torch.Tensor) -> torch.Tensor:

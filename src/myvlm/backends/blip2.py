@@ -30,7 +30,7 @@ class Blip2Backend(Backend):
     model_class = Blip2ForConditionalGeneration
     processor_class = Blip2Processor
     reg_lambda = {CAPTION: 0.04, VQA: 0.04}
-    # The name comes from the vector alone (the prompt is empty), and 2 of 36 single starts never learnt it.
+    # The name comes from the vector alone (the prompt is empty), so a start that lands on a plateau stays there.
     training_starts = 3
 
     def __init__(self, model, processor) -> None:
@@ -92,18 +92,23 @@ class Blip2Backend(Backend):
         with self.hooks_off():
             return list(self.model.vision_model(pixel_values=pixels).last_hidden_state)
 
-    def cached_loss(self, batch: Batch, views: Sequence[torch.Tensor]) -> torch.Tensor:
-        """HF's image-feature path (Q-Former, projection) from cached vision states, through the same hooks."""
-        vision = BaseModelOutputWithPooling(last_hidden_state=torch.stack(list(views)))
-        vision = self._append_concepts(self.model.vision_model, (), vision) or vision
-        states = vision.last_hidden_state
+    def image_features(self, vision_states: torch.Tensor):
+        """HF's image-feature path (Q-Former, projection) from vision-encoder states [B, 257, W], with the injected
+        concepts appended as the vision hook appends them: (features in the LM's width, the Q-Former's output)."""
+        vision = BaseModelOutputWithPooling(last_hidden_state=vision_states)
+        states = (self._append_concepts(self.model.vision_model, (), vision) or vision).last_hidden_state
         qformer = self.model.qformer(
             query_embeds=self.model.query_tokens.expand(states.shape[0], -1, -1),
             encoder_hidden_states=states,
             encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long, device=states.device),
             return_dict=True,
         )
-        features = self.model.language_projection(qformer.last_hidden_state.to(states.dtype))
+        return self.model.language_projection(qformer.last_hidden_state.to(states.dtype)), qformer
+
+    def cached_loss(self, batch: Batch, views: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`loss` from cached vision states: the Q-Former and the LM run through the same hooks."""
+        self._running(batch)
+        features, qformer = self.image_features(torch.stack(list(views)))
         image = BaseModelOutputWithVisionQformerOutputs(pooler_output=features, qformer_outputs=qformer)
         inputs = {k: v.to(self.device) for k, v in batch.inputs.items() if k != "pixel_values"}
         if self.generation_includes_prompt:
@@ -115,65 +120,71 @@ class Blip2Backend(Backend):
         return self.model(pixel_values=None, mm_encoder_outputs={"image": image}, **inputs, use_cache=False).loss
 
     # --- hooks ---------------------------------------------------------------------------------------------------
+    # Per-forward values the hooks pass on live in the injection's scratch: "n_image" (vision tokens before the
+    # slots), "slot_mask" ([B, k_max], 1 for a used slot) and "queries" (the current cross-attention layer's queries).
     def _append_concepts(self, module, args, output):
         """Vision encoder output [B, 257, W] -> [B, 257+k_max, W]; unused slots are zeros, masked in the Q-Former."""
-        if self.injection is None or not self.injection.any:
+        injection = self.injection
+        if injection is None or not injection.any:
             return None
         hidden = output.last_hidden_state
-        self._n_image_tokens = hidden.shape[1]
-        k_max = max(len(v) for v in self.injection.vectors)
+        k_max = max(len(v) for v in injection.vectors)
         slots = hidden.new_zeros(hidden.shape[0], k_max, hidden.shape[2])
         # As in the official code, the concept enters before the encoder's final LayerNorm (it is inserted at the
         # last layer's output), so it arrives at the scale of the image tokens.
         post_layernorm = self.model.vision_model.post_layernorm
-        for b, vectors in enumerate(self.injection.vectors):
+        for b, vectors in enumerate(injection.vectors):
             if len(vectors):
                 slots[b, : len(vectors)] = post_layernorm(normalized(vectors).to(hidden.dtype))
         output.last_hidden_state = torch.cat([hidden, slots], dim=1)
-        self._slot_mask = torch.tensor(
-            [[1] * len(v) + [0] * (k_max - len(v)) for v in self.injection.vectors], device=hidden.device
+        injection.scratch["n_image"] = hidden.shape[1]
+        injection.scratch["slot_mask"] = torch.tensor(
+            [[1] * len(v) + [0] * (k_max - len(v)) for v in injection.vectors], device=hidden.device
         )
         return output
 
     def _mask_unused_slots(self, module, args, kwargs):
-        if self.injection is None or not self.injection.any:
+        injection = self.injection
+        if injection is None or not injection.any:
             return None
-        image_mask = kwargs["encoder_attention_mask"]
-        kwargs["encoder_attention_mask"] = torch.cat([image_mask[:, : self._n_image_tokens], self._slot_mask], dim=1)
+        image_mask = kwargs["encoder_attention_mask"][:, : injection.scratch["n_image"]]
+        kwargs["encoder_attention_mask"] = torch.cat([image_mask, injection.scratch["slot_mask"]], dim=1)
         return args, kwargs
 
     def _rescale(self, module, args, projected: torch.Tensor):
         """Rescale each concept token's key/value to the mean norm of its image's image-token keys/values."""
-        if self.injection is None or not self.injection.any:
+        injection = self.injection
+        if injection is None or not injection.any:
             return None
-        n = self._n_image_tokens
+        n = injection.scratch["n_image"]
         image_part, concept_part = projected[:, :n], projected[:, n:]
         target = image_part.norm(dim=-1, keepdim=True).mean(dim=1, keepdim=True)
         rescaled = concept_part / concept_part.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target
         return torch.cat([image_part, rescaled], dim=1)
 
     def _keep_queries(self, module, args, queries: torch.Tensor):
-        if self.injection is not None and self.injection.record_attention and self.injection.any:
-            self._queries = queries
+        injection = self.injection
+        if injection is not None and injection.record_attention and injection.any:
+            injection.scratch["queries"] = queries
         return None
 
     def _rescale_keys(self, module, args, projected: torch.Tensor):
         keys = self._rescale(module, args, projected)
         injection = self.injection
         if keys is not None and injection.record_attention:
-            injection.attention_terms.append(self._concept_attention_term(self._queries, keys, module))
+            injection.attention_terms.append(self._concept_attention_term(injection, keys))
         return keys
 
-    def _concept_attention_term(self, queries: torch.Tensor, keys: torch.Tensor, key_layer) -> torch.Tensor:
+    def _concept_attention_term(self, injection, keys: torch.Tensor) -> torch.Tensor:
         """mean(p²) of the queries' cross-attention to the (used) concept slots, recomputed from q and k."""
-        config = self.model.config.qformer_config
-        heads = config.num_attention_heads
+        queries, slot_mask, n_image = (injection.scratch[k] for k in ("queries", "slot_mask", "n_image"))
+        heads = self.model.config.qformer_config.num_attention_heads
         head_dim = queries.shape[-1] // heads
         q = queries.view(queries.shape[0], -1, heads, head_dim).transpose(1, 2).float()
         k = keys.view(keys.shape[0], -1, heads, head_dim).transpose(1, 2).float()
         scores = (q @ k.transpose(-1, -2)) * head_dim**-0.5  # [B, H, Q, 257+k_max]
-        key_mask = torch.cat([self._slot_mask.new_ones(keys.shape[0], self._n_image_tokens), self._slot_mask], dim=1)
+        key_mask = torch.cat([slot_mask.new_ones(keys.shape[0], n_image), slot_mask], dim=1)
         scores = scores.masked_fill(key_mask[:, None, None, :] == 0, float("-inf"))
-        concept_probs = scores.softmax(dim=-1)[..., self._n_image_tokens :]  # [B, H, Q, k_max]
-        used = self._slot_mask[:, None, None, :].expand_as(concept_probs).bool()
+        concept_probs = scores.softmax(dim=-1)[..., n_image:]  # [B, H, Q, k_max]
+        used = slot_mask[:, None, None, :].expand_as(concept_probs).bool()
         return (concept_probs[used] ** 2).mean()

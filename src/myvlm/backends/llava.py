@@ -100,6 +100,7 @@ class LlavaBackend(Backend):
 
     def cached_loss(self, batch: Batch, views: Sequence[LlavaView]) -> torch.Tensor:
         """Split every row before the earliest concept token; the prefixes come from the views' caches."""
+        self._running(batch)
         inputs = {k: v.to(self.device) for k, v in batch.inputs.items() if k != "pixel_values"}
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         split = min(rows[0] for rows in batch.concept_positions if rows)
@@ -164,6 +165,8 @@ class LlavaBackend(Backend):
         injection = self.injection
         if injection is None or not injection.record_attention or not injection.any:
             return None
+        if injection.batch is None:
+            raise RuntimeError("recording attention needs the batch: pass it to inject()/activate(), or use loss()")
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cos, sin = kwargs["position_embeddings"]
         mask2d = injection.batch.inputs["attention_mask"].to(hidden.device)
