@@ -15,9 +15,9 @@ MAKERS = {"llava": tiny_llava, "blip2-opt": lambda: tiny_blip2("opt"), "blip2-t5
 def loss_reg_grad(vlm, batch, views=None):
     """(cross-entropy, regularizer, gradient of their sum) for concept 'bobby' on every sample of `batch`."""
     vector = torch.nn.Parameter(torch.randn(vlm.concept_width, generator=torch.Generator().manual_seed(0)))
-    vlm.add_concept("bobby", "Bobby", vector.detach()).vector = vector
-    with vlm.activate([["bobby"]] * len(batch.prompt_lengths), record_attention=True) as injection:
-        injection.batch = batch
+    vlm.add_concept("bobby", "Bobby", vector.detach())
+    vlm.concepts.set("bobby", vector)  # the parameter itself, so its gradient is ours to read
+    with vlm.activate([["bobby"]] * len(batch.prompt_lengths), record_attention=True, batch=batch):
         loss = vlm.backend.loss(batch) if views is None else vlm.backend.cached_loss(batch, views)
         reg = vlm.backend.regularizer("vqa")  # the larger λ, so the regularizer weighs in the gradient
     (loss + reg).backward()

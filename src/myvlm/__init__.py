@@ -7,10 +7,12 @@ vlm.caption(images, concepts=[["bobby"]] * len(images))
 """
 
 from myvlm.backends import CAPTION, VQA, Backend, register_backend
+from myvlm.embeddings import ConceptEmbeddings
 from myvlm.errors import MyVLMError
 from myvlm.library import Concept, ConceptLibrary
 from myvlm.model import Caption, PersonalizedVLM, load
 from myvlm.official import load_official_embedding
+from myvlm.text import with_identifier
 from myvlm.training import (
     Example,
     TrainingConfig,
@@ -18,7 +20,6 @@ from myvlm.training import (
     caption_examples,
     learn_concept,
     learn_together,
-    with_identifier,
 )
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "Backend",
     "Caption",
     "Concept",
+    "ConceptEmbeddings",
     "ConceptLibrary",
     "Example",
     "MyVLMError",

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from myvlm.errors import MyVLMError
-from myvlm.training import word_pattern
+from myvlm.text import naming_metrics, word_pattern
 
 
 @cache
@@ -49,20 +49,15 @@ def evaluate_concept(
     images = list(positives) + list(negatives)
     base = [c.text for c in vlm.caption(images, [[] for _ in images], progress=True)]
     personal = [c.text for c in vlm.caption(images, progress=True)]
-    identifier_word = word_pattern(identifier)
-    named = [identifier_word.search(text) is not None for text in personal]
     n_pos = len(positives)
-    true_positives = sum(named[:n_pos])
-    recall = true_positives / n_pos
-    precision = true_positives / sum(named) if any(named) else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    naming = naming_metrics(personal, identifier, [i < n_pos for i in range(len(images))])
     preserved = [p == b for p, b in zip(personal[n_pos:], base[n_pos:], strict=True)]
-    generic = [identifier_word.sub(class_word or "it", p) for p in personal[:n_pos]]
+    generic = [word_pattern(identifier).sub(class_word or "it", p) for p in personal[:n_pos]]
     similarity = text_similarity(generic, base[:n_pos])
     return {
-        "recall": round(recall, 4),
-        "precision": round(precision, 4),
-        "f1": round(f1, 4),
+        "recall": round(naming.recall, 4),
+        "precision": round(naming.precision, 4),
+        "f1": round(naming.f1, 4),
         "preservation": round(sum(preserved) / len(preserved), 4),
         "similarity": round(sum(similarity) / len(similarity), 4),
         "n_pos": n_pos,

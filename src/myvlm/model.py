@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 from transformers import AutoConfig
 
-from myvlm.backends import CAPTION, VQA, Backend, Injection, backend_for
+from myvlm.backends import CAPTION, VQA, Backend, Batch, Injection, backend_for
+from myvlm.embeddings import ActiveConcept, ConceptEmbeddings
 from myvlm.errors import MyVLMError
-
-TOY_MODELS = ("toy-llava", "toy-blip2")
+from myvlm.toynames import TOY_MODELS
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -39,15 +39,6 @@ class Caption:
     concepts: tuple[str, ...]
 
 
-@dataclass
-class ActiveConcept:
-    """A concept the model can insert: its identifier (the word the VLM should say) and its learned vector."""
-
-    name: str
-    identifier: str
-    vector: torch.Tensor
-
-
 class PersonalizedVLM:
     """Wraps any supported HF VLM; concepts are injected through the backend's hooks, never into the weights."""
 
@@ -58,7 +49,7 @@ class PersonalizedVLM:
         self.processor = processor
         self.model_id = model_id
         self.backend: Backend = backend_for(model.config.model_type)(model, processor)
-        self.concepts: dict[str, ActiveConcept] = {}
+        self.embeddings = ConceptEmbeddings(self.backend.concept_width, self.backend.device)
         self.detector = None
 
     @classmethod
@@ -86,17 +77,14 @@ class PersonalizedVLM:
     def concept_width(self) -> int:
         return self.backend.concept_width
 
+    @property
+    def concepts(self) -> ConceptEmbeddings:
+        """The concepts this model can insert, by name (`vlm.concepts[name].identifier`, `.vector`)."""
+        return self.embeddings
+
     # --- concepts -------------------------------------------------------------------------------------------------
     def add_concept(self, name: str, identifier: str, vector: torch.Tensor) -> ActiveConcept:
-        vector = torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
-        if vector.numel() != self.concept_width:
-            raise MyVLMError(
-                f"concept '{name}': embedding width {vector.numel()} does not match {self.model_id} "
-                f"(needs {self.concept_width}); it was trained for another model"
-            )
-        concept = ActiveConcept(name, identifier, vector.to(self.backend.device))
-        self.concepts[name] = concept
-        return concept
+        return self.embeddings.add(name, identifier, vector, self.model_id)
 
     def learn(
         self,
@@ -113,7 +101,7 @@ class PersonalizedVLM:
         return learn_concept(self, name, identifier, images, caption_examples(captions), config, **kwargs)
 
     def remove_concept(self, name: str) -> None:
-        self.concepts.pop(name, None)
+        self.embeddings.remove(name)
 
     def use_library(self, library) -> list[str]:
         """Load every library concept that has an embedding for this model, and its head for detection."""
@@ -126,9 +114,7 @@ class PersonalizedVLM:
             heads_entry = library.load_head(concept.name)
             if heads_entry is not None:
                 heads[concept.name] = heads_entry
-            vector = library.load_embedding(concept.name, self.model_id, self.concept_width)
-            if vector is not None:
-                self.add_concept(concept.name, concept.identifier, vector)
+            if self.embeddings.load(library, concept.name, self.model_id):
                 loaded.append(concept.name)
         self.detector = ConceptDetector({n: h for n, h in heads.items() if n in self.concepts}) if heads else None
         return loaded
@@ -139,26 +125,18 @@ class PersonalizedVLM:
         return [sorted(d.concept for d in found) for found in self.detector.detect(images)]
 
     @contextlib.contextmanager
-    def activate(self, per_image: Sequence[Sequence[str]], record_attention: bool = False) -> Iterator[Injection]:
-        """Insert the named concepts (each once, in name order) into the images of the next forward passes."""
-        vectors = []
+    def activate(
+        self, per_image: Sequence[Sequence[str]], record_attention: bool = False, *, batch: Batch | None = None
+    ) -> Iterator[Injection]:
+        """Insert the named concepts (each once, in name order) into the images of the forward passes run inside
+        (`batch`: the batch they run, which `backend.loss` and `generate` also fill in)."""
         for names in per_image:
-            unknown = [n for n in names if n not in self.concepts]
+            unknown = [n for n in names if n not in self.embeddings]
             if unknown:
                 raise MyVLMError(f"concept '{unknown[0]}' has no embedding for {self.model_id}; train it first")
-            ordered = sorted(set(names))
-            width = self.concept_width
-            vectors.append(
-                torch.stack([self.concepts[n].vector for n in ordered])
-                if ordered
-                else torch.zeros(0, width, device=self.backend.device)
-            )
-        injection = Injection(vectors, record_attention=record_attention)
-        self.backend.injection = injection
-        try:
+        vectors = [self.embeddings.stack(sorted(set(names))) for names in per_image]
+        with self.backend.inject(vectors, batch=batch, record_attention=record_attention) as injection:
             yield injection
-        finally:
-            self.backend.injection = None
 
     # --- generation -----------------------------------------------------------------------------------------------
     def _run(
