@@ -358,7 +358,7 @@ def bobby_folder(tmp_path: Path, captions: dict | None) -> Path:
         ({"0.png": "Bobby is on the sofa ."}, "dog", "1.png: no captions for this photo"),
         ({"0.png": "Bobby .", "9.png": "Bobby ."}, "dog", "9.png: listed in"),
         (None, "giraffe", "0.png: the base caption"),  # the base model never says 'giraffe'
-        (None, None, "has no class word; give captions or set --class-word"),
+        (None, None, "has no class word; give captions or set its class word"),
     ],
 )
 def test_captions_without_identifier_or_class_word(tmp_path, lib, model_dir, capsys, captions, class_word, message):
@@ -546,11 +546,11 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_embedding(tmp_path, lib
     library.create("Bobby", kind="object")
     folder = bobby_folder(tmp_path, {f"{i}.png": "Bobby is on the sofa ." for i in range(4)})
     fail_on_call(monkeypatch, type(vlm.backend), 4, float("nan"))
-    train_concept(library, "Bobby", vlm.model_id, images=[str(folder)], steps=6, vlm=vlm)
+    done = train_concept(library, "Bobby", vlm.model_id, images=[str(folder)], steps=6, vlm=vlm)
     entry = library.get("Bobby").embeddings[vlm.model_id]
     assert entry["steps"] == 3 and "loss became nan at step 3" in entry["stopped_early"]
     assert torch.isfinite(library.load_embedding("Bobby", vlm.model_id, vlm.concept_width)).all()
-    assert "kept the last finite embedding" in capsys.readouterr().out
+    assert done.steps == 3 and "kept the last finite embedding" in done.stopped_early
     fail_on_call(monkeypatch, type(vlm.backend), 1, float("inf"))
     with pytest.raises(MyVLMError, match="failed at the first step"):
         train_concept(library, "Bobby", vlm.model_id, images=[str(folder)], steps=6, vlm=vlm)

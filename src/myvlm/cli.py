@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from myvlm.errors import MyVLMError
+from myvlm.toynames import TOY_MODELS
 
 
 def _library(args):
@@ -45,15 +46,10 @@ def _use_library(vlm, args) -> list[str]:
     return loaded
 
 
-def _write_json(path: str, obj) -> None:
+def _write_json(path: str, obj: dict | list) -> None:
     from myvlm.storage import write_json_atomic
 
-    if isinstance(obj, list):
-        from myvlm.storage import write_bytes_atomic
-
-        write_bytes_atomic(Path(path), (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-    else:
-        write_json_atomic(Path(path), obj)
+    write_json_atomic(Path(path), obj)  # any JSON value, written atomically
 
 
 # --- concept management ---------------------------------------------------------------------------------------------
@@ -95,14 +91,14 @@ def cmd_concept_list(args) -> None:
     if not rows:
         print(f"no concepts in {_library(args).root}")
 
-    def describe(model: str, entry: dict) -> str:
-        if not entry.get("complete", True):
-            return f"{model} (interrupted at step {entry.get('steps')}; --resume)"
-        together = entry.get("together")
-        return f"{model} (trained with {', '.join(together['with'])})" if together else model
+    def describe(model: str, concept) -> str:
+        entry = concept.embedding(model)
+        if not entry.complete:
+            return f"{model} (interrupted at step {entry.steps}; --resume)"
+        return f"{model} (trained with {', '.join(entry.together['with'])})" if entry.together else model
 
     for row, concept in zip(rows, concepts, strict=True):
-        models = ", ".join(describe(m, entry) for m, entry in sorted(concept.embeddings.items()))
+        models = ", ".join(describe(m, concept) for m in sorted(concept.embeddings))
         models = models or "no embeddings yet"
         print(
             f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} class={row['class_word']}  {models}"
@@ -183,7 +179,7 @@ def cmd_ask(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from myvlm.personalize import train_concept, train_together
+    from myvlm.personalize import TrainingInterrupted, train_concept, train_together
 
     captions = args.captions or []
     if len(args.name) > 1:
@@ -194,21 +190,43 @@ def cmd_train(args) -> None:
             raise MyVLMError(f"training several concepts together takes captions only, not {unsupported[0]}")
         if not captions:
             raise MyVLMError("training several concepts together needs --captions naming them in each photo")
-        train_together(_library(args), args.name, args.model, captions=captions, steps=args.steps, seed=args.seed)
+        done = train_together(
+            _library(args), args.name, args.model, captions=captions, steps=args.steps, seed=args.seed
+        )
+        joined, n_together = " + ".join(done.names), done.photos_together
+        if done.stored:
+            print(
+                f"trained {joined} together for {done.model_id} ({done.steps} steps, {done.photos} photos): named "
+                f"exactly on {done.best} of {n_together} photos together (trained alone: {done.before})"
+            )
+        elif not done.tries:
+            print(f"kept the embeddings trained alone: they already name {joined} on all {n_together} photos together")
+        else:
+            print(
+                f"kept the embeddings trained alone: they name {joined} exactly on {done.before} of {n_together} "
+                f"photos together, {len(done.tries)} trainings together on {max(done.tries)} at most"
+            )
         return
     if len(captions) > 1:
         raise MyVLMError("one captions file per concept; give several only when training several concepts together")
-    train_concept(
-        _library(args),
-        args.name[0],
-        args.model,
-        task=args.task,
-        captions=captions[0] if captions else None,
-        images=args.images,
-        steps=args.steps,
-        seed=args.seed,
-        resume=args.resume,
-    )
+    if not args.images and not captions:
+        raise MyVLMError("give the training photos with --images, or a concept folder's captions.json with --captions")
+    try:
+        done = train_concept(
+            _library(args),
+            args.name[0],
+            args.model,
+            task=args.task,
+            captions=captions[0] if captions else None,
+            images=args.images,
+            steps=args.steps,
+            seed=args.seed,
+            resume=args.resume,
+        )
+    except TrainingInterrupted as interrupted:
+        raise KeyboardInterrupt(f"{interrupted}; continue with `myvlm train ... --resume`") from None
+    note = f" ({done.stopped_early})" if done.stopped_early else ""
+    print(f"trained '{done.name}' for {done.model_id}: {done.steps} steps, loss {done.final_loss:.3f}{note}")
 
 
 def cmd_import(args) -> None:
@@ -285,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     demo = add("demo", cmd_demo, "personalize a toy VLM to a toyworld concept and show base vs personalized captions")
-    demo.add_argument("--model", default="toy-llava", choices=["toy-llava", "toy-blip2"])
+    demo.add_argument("--model", default=TOY_MODELS[0], choices=TOY_MODELS)
     demo.add_argument("--concept", type=int, default=0, help="which toyworld concept (index)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="write the metrics as one JSON object")
@@ -365,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--concepts", type=int, default=2)
     export.add_argument("--seed", type=int, default=0)
     build = add("build", cmd_toyworld_build, "rebuild a toy model bit-for-bit from a seed", toy_sub)
-    build.add_argument("--model", required=True, choices=["toy-llava", "toy-blip2"])
+    build.add_argument("--model", required=True, choices=TOY_MODELS)
     build.add_argument("--out", required=True)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--threads", type=int, default=2, help="torch threads (packaged: 2; bit-for-bit needs the same)")

@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -50,6 +50,40 @@ def check_name(name: str, what: str = "concept name") -> str:
 
 
 @dataclass
+class EmbeddingEntry:
+    """What a concept's manifest says about its vector for one model (the vector itself is in the tensors file).
+
+    `complete` is False for the checkpoint of an interrupted training; `together` describes a joint fine-tuning
+    (`with`, `steps`, `seed`, `photos`, `final_loss`); keys this version does not know are kept in `extra`.
+    """
+
+    width: int | None = None
+    saved: str | None = None
+    family: str | None = None
+    task: str | None = None
+    seed: int | None = None
+    source: str | None = None
+    steps: int | None = None
+    final_loss: float | None = None
+    complete: bool = True
+    stopped_early: str | None = None
+    together: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, obj: dict) -> EmbeddingEntry:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            **{k: v for k, v in obj.items() if k in known}, extra={k: v for k, v in obj.items() if k not in known}
+        )
+
+    def to_manifest(self) -> dict:
+        """The manifest object: fields that are set (and `complete`), then the unknown keys."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {k: v for k, v in values.items() if v is not None} | self.extra
+
+
+@dataclass
 class Concept:
     name: str
     identifier: str
@@ -58,6 +92,11 @@ class Concept:
     created: str
     head: dict | None = None
     embeddings: dict[str, dict] = field(default_factory=dict)
+
+    def embedding(self, model_id: str) -> EmbeddingEntry | None:
+        """The manifest entry of this concept's vector for `model_id`, None if it has none."""
+        entry = self.embeddings.get(model_id)
+        return None if entry is None else EmbeddingEntry.from_manifest(entry)
 
     def manifest(self) -> dict:
         return {
@@ -262,8 +301,13 @@ class ConceptLibrary:
         finally:
             lock.release()
 
-    def save_embedding(self, name: str, model_id: str, vector: torch.Tensor, **info) -> None:
-        """Store the vector for one model; other models' vectors are kept. Tensors first, then the manifest."""
+    def save_embedding(
+        self, name: str, model_id: str, vector: torch.Tensor, entry: EmbeddingEntry | None = None, **info
+    ) -> None:
+        """Store the vector for one model with its manifest entry (`entry`, and/or its fields as keywords); other
+        models' vectors are kept. Tensors first, then the manifest."""
+        if entry is not None:
+            info = {k: v for k, v in entry.to_manifest().items() if k not in ("width", "saved")} | info
         vector = torch.as_tensor(vector).detach().float().reshape(-1).cpu()
         if not torch.isfinite(vector).all():
             raise MyVLMError(f"concept '{name}': refusing to store a non-finite embedding")

@@ -1,24 +1,26 @@
 """From a folder of photos to a trained concept: captions (given or written by the base model), VQA augmentation,
-training, and storing the embedding in the library."""
+training, and storing the embedding in the library. Functions here return results and raise `MyVLMError`s that name
+their parameters; `myvlm.cli` turns them into messages about its flags."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from myvlm.errors import MyVLMError
 from myvlm.images import IMAGE_EXTENSIONS, load_image
-from myvlm.library import Concept, ConceptLibrary
+from myvlm.library import Concept, ConceptLibrary, EmbeddingEntry
 from myvlm.model import PersonalizedVLM, load
-from myvlm.training import Example, TrainingConfig, learn_concept, learn_together, with_identifier, word_pattern
+from myvlm.text import name_class_word, with_identifier, word_pattern
+from myvlm.training import Example, TrainingConfig, learn_concept, learn_together
 
 CAPTION_FILES = ("captions.json", "captions_augmented.json")
 # Joint trainings tried (seeds seed, seed + 1, ...) until one names the concepts on every photo together; the best is
-# kept. One run named both on 0.75 of unseen toy-blip2 scenes, with a spread from 0.4 to 1.0 (benchmarks/RESULTS.md).
+# kept: single runs spread widely (benchmarks/RESULTS.md).
 TOGETHER_ATTEMPTS = 3
 CHECKPOINT_EVERY = 10  # steps between saves of the best vector so far, so a crash or Ctrl-C loses little
 # The official VQA augmentation asks the base model these about the concept's class, then names the concept.
@@ -48,15 +50,6 @@ def read_captions(path: Path) -> dict[str, list[str]]:
     return captions
 
 
-def name_class_word(caption: str, class_word: str, identifier: str) -> str:
-    """Replace the first 'a/the <adjectives> <class word>' phrase of a base caption by the identifier."""
-    pattern = rf"\b(?:a|an|the)\s+(?:[\w-]+\s+){{0,3}}?{re.escape(class_word)}s?\b"
-    named, count = re.subn(pattern, identifier, caption, count=1, flags=re.IGNORECASE)
-    if not count:
-        named, count = re.subn(rf"\b{re.escape(class_word)}\b", identifier, caption, count=1, flags=re.IGNORECASE)
-    return named if count else ""
-
-
 def training_photos(images: Sequence[str] | None, captions_file: str | None) -> tuple[list[Path], dict | None]:
     """The photos to train on and their captions, from --images and/or an official-layout captions.json."""
     captions = None
@@ -70,7 +63,7 @@ def training_photos(images: Sequence[str] | None, captions_file: str | None) -> 
                 raise MyVLMError(f"{missing[0]}: listed in {captions_path} but missing")
             return paths, captions
     if not images:
-        raise MyVLMError("give the training photos with --images, or a concept folder's captions.json with --captions")
+        raise MyVLMError("no training photos: give the photos, or a concept folder's captions.json")
     paths: list[Path] = []
     for raw in images:
         path = Path(raw)
@@ -112,7 +105,7 @@ def build_examples(
             examples.append(Example(index, tuple(named)))
     else:
         if not concept.class_word:
-            raise MyVLMError(f"concept '{concept.name}' has no class word; give captions or set --class-word")
+            raise MyVLMError(f"concept '{concept.name}' has no class word; give captions or set its class word")
         base = vlm.caption(photos, [[] for _ in photos], progress=True)
         for index, (name, caption) in enumerate(zip(names, base, strict=True)):
             named = name_class_word(caption.text, concept.class_word, concept.identifier)
@@ -142,6 +135,26 @@ def vqa_examples(vlm: PersonalizedVLM, concept: Concept, photos: list[Image.Imag
     return examples
 
 
+@dataclass(frozen=True)
+class ConceptTraining:
+    """A stored training of one concept: steps done in all (a resumed training counts the earlier ones), the last
+    loss, and why it stopped early (None if every step ran)."""
+
+    name: str
+    model_id: str
+    steps: int
+    final_loss: float
+    stopped_early: str | None = None
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, after the best vector so far was stored as an interrupted (resumable) entry."""
+
+    def __init__(self, name: str, step: int, loss: float) -> None:
+        super().__init__(f"kept the best embedding of '{name}' (step {step}, loss {loss:.3f})")
+        self.name, self.step, self.loss = name, step, loss
+
+
 def train_concept(
     library: ConceptLibrary,
     name: str,
@@ -154,7 +167,7 @@ def train_concept(
     seed: int = 0,
     resume: bool = False,
     vlm: PersonalizedVLM | None = None,
-) -> None:
+) -> ConceptTraining:
     """Train and store the concept's embedding. The best vector so far is saved as an incomplete entry every
     CHECKPOINT_EVERY steps and on Ctrl-C; `resume` continues from it (with a fresh optimizer) up to `steps`."""
     concept = library.get(name)
@@ -166,20 +179,15 @@ def train_concept(
     if resume:
         done, init = resume_point(library, concept, vlm, task, steps)
     examples = build_examples(vlm, concept, photos, [p.name for p in paths], caption_map, task)
-    info = {"family": vlm.family, "task": task, "seed": seed, "source": "myvlm"}
+    entry = EmbeddingEntry(family=vlm.family, task=task, seed=seed, source="myvlm")
     best = {"loss": float("inf"), "vector": None, "steps": done}
 
     def save_best() -> None:
         if best["vector"] is not None:
-            library.save_embedding(
-                concept.name,
-                vlm.model_id,
-                best["vector"],
-                **info,
-                steps=best["steps"],
-                final_loss=round(best["loss"], 4),
-                complete=False,
+            checkpoint = EmbeddingEntry(
+                **{**vars(entry), "steps": best["steps"], "final_loss": round(best["loss"], 4), "complete": False}
             )
+            library.save_embedding(concept.name, vlm.model_id, best["vector"], checkpoint)
 
     def keep_best(step: int, loss: float, vector) -> None:
         if loss < best["loss"]:
@@ -196,25 +204,16 @@ def train_concept(
         save_best()
         if best["vector"] is None:
             raise
-        raise KeyboardInterrupt(
-            f"kept the best embedding of '{concept.name}' (step {best['steps']}, loss {best['loss']:.3f}); "
-            "continue with `myvlm train ... --resume`"
-        ) from None
+        raise TrainingInterrupted(concept.name, best["steps"], best["loss"]) from None
     if result.steps_done == 0:
         raise MyVLMError(f"training of '{concept.name}' failed at the first step ({result.stopped_early})")
     total = done + result.steps_done
-    library.save_embedding(
-        concept.name,
-        vlm.model_id,
-        result.vector,
-        **info,
-        steps=total,
-        final_loss=round(result.losses[-1], 4),
-        complete=True,
-        **({"stopped_early": result.stopped_early} if result.stopped_early else {}),
+    final = EmbeddingEntry(
+        **{**vars(entry), "steps": total, "final_loss": round(result.losses[-1], 4), "complete": True},
     )
-    note = f" ({result.stopped_early})" if result.stopped_early else ""
-    print(f"trained '{concept.name}' for {vlm.model_id}: {total} steps, loss {result.losses[-1]:.3f}{note}")
+    final.stopped_early = result.stopped_early
+    library.save_embedding(concept.name, vlm.model_id, result.vector, final)
+    return ConceptTraining(concept.name, vlm.model_id, total, result.losses[-1], result.stopped_early)
 
 
 def together_photos(captions_files: Sequence[str], concepts: Sequence[Concept]):
@@ -251,6 +250,26 @@ def together_photos(captions_files: Sequence[str], concepts: Sequence[Concept]):
     return images, examples, present
 
 
+@dataclass(frozen=True)
+class TogetherTraining:
+    """The outcome of training concepts together: on how many of the photos together the captions named exactly the
+    concepts each holds, with the vectors trained alone (`before`) and after each try (-1: a try that stopped early);
+    `stored` says whether the new vectors were better and replaced the ones trained alone."""
+
+    names: tuple[str, ...]
+    model_id: str
+    steps: int
+    photos: int
+    photos_together: int
+    before: int
+    tries: list[int] = field(default_factory=list)
+    stored: bool = False
+
+    @property
+    def best(self) -> int:
+        return max([self.before, *self.tries])
+
+
 def train_together(
     library: ConceptLibrary,
     names: Sequence[str],
@@ -260,73 +279,57 @@ def train_together(
     steps: int = 100,
     seed: int = 0,
     vlm: PersonalizedVLM | None = None,
-) -> None:
+) -> TogetherTraining:
     """Fine-tune the embeddings of concepts already trained alone on photos that show them together (plus, best,
     their own photos), so that one caption names them all. The new embeddings are stored only if every step ran and
-    they name the concepts on more of the photos together than the embeddings trained alone (toy-llava, which reads
-    the identifiers from its prompt, already names both and only lost by it: benchmarks/RESULTS.md)."""
+    they name the concepts on more of the photos together than the embeddings trained alone (a model that reads the
+    identifiers from its prompt may already name them all, and training together could only lose that)."""
     if len(set(names)) != len(names):
         raise MyVLMError("each concept may be named once")
     concepts = [library.get(name) for name in names]
     TrainingConfig(steps=steps, seed=seed)  # check the settings before loading anything
     images, examples, present = together_photos(captions, concepts)
     vlm = vlm or load(model)
-    entries, alone = {}, {}
+    entries = {}
     for concept in concepts:
-        entry = concept.embeddings.get(vlm.model_id)
-        if entry is None or not entry.get("complete", True):
+        entry = concept.embedding(vlm.model_id)
+        if entry is None or not entry.complete:
             state = "no embedding" if entry is None else "an interrupted training"
-            raise MyVLMError(
-                f"concept '{concept.name}' has {state} for {vlm.model_id}; train it alone first "
-                f"(myvlm train {concept.name} --model {model})"
-            )
+            raise MyVLMError(f"concept '{concept.name}' has {state} for {vlm.model_id}; train it alone first")
         entries[concept.name] = entry
-        alone[concept.name] = library.load_embedding(concept.name, vlm.model_id, vlm.concept_width)
-        vlm.add_concept(concept.name, concept.identifier, alone[concept.name])
+        vlm.embeddings.load(library, concept.name, vlm.model_id)
+    alone = vlm.embeddings.snapshot(names)
     together = [i for i, holds in enumerate(present) if len(holds) > 1]
     photos_together, holds_together = [images[i] for i in together], [present[i] for i in together]
     before = best = named_together(vlm, photos_together, holds_together)
-    joined, n_together = " + ".join(names), len(together)
-    if before == n_together:
-        print(f"kept the embeddings trained alone: they already name {joined} on all {n_together} photos together")
-        return
-
-    def hold(vectors: dict) -> None:
-        for name, vector in vectors.items():
-            vlm.concepts[name].vector = vector
-
-    result, tries = None, []
+    outcome = TogetherTraining(tuple(names), vlm.model_id, steps, len(images), len(together), before)
+    if before == len(together):
+        return outcome
+    result = None
     for attempt in range(TOGETHER_ATTEMPTS):
-        hold(alone)
+        vlm.embeddings.restore(alone)
         config = TrainingConfig(steps=steps, seed=seed + attempt)
         trial = learn_together(vlm, list(names), images, examples, present, config)
-        tries.append(named_together(vlm, photos_together, holds_together) if trial.steps_done == steps else -1)
-        if tries[-1] > best:
-            best, result, best_seed = tries[-1], trial, seed + attempt
-        if best == n_together:
+        outcome.tries.append(named_together(vlm, photos_together, holds_together) if trial.steps_done == steps else -1)
+        if outcome.tries[-1] > best:
+            best, result, best_seed = outcome.tries[-1], trial, seed + attempt
+        if best == len(together):
             break
     if result is None:
-        hold(alone)
-        print(
-            f"kept the embeddings trained alone: they name {joined} exactly on {before} of {n_together} photos "
-            f"together, {len(tries)} trainings together on {max(tries)} at most"
-        )
-        return
+        vlm.embeddings.restore(alone)
+        return outcome
     for name, vector in zip(names, result.vector, strict=True):
-        info = {k: v for k, v in entries[name].items() if k not in ("width", "saved", "together")}
-        together_info = {
+        entry = EmbeddingEntry(**{**vars(entries[name]), "width": None, "saved": None})
+        entry.together = {
             "with": [n for n in names if n != name],
             "steps": steps,
             "seed": best_seed,
             "photos": len(images),
             "final_loss": round(result.losses[-1], 4),
         }
-        library.save_embedding(name, vlm.model_id, vector, **info, together=together_info)
-    hold(dict(zip(names, result.vector, strict=True)))
-    print(
-        f"trained {joined} together for {vlm.model_id} ({steps} steps, {len(images)} photos): named exactly on "
-        f"{best} of {n_together} photos together (trained alone: {before})"
-    )
+        library.save_embedding(name, vlm.model_id, vector, entry)
+    vlm.embeddings.restore(dict(zip(names, result.vector, strict=True)))
+    return TogetherTraining(**{**vars(outcome), "stored": True})
 
 
 def named_together(vlm: PersonalizedVLM, photos: list[Image.Image], present: list[tuple[str, ...]]) -> int:
@@ -341,13 +344,13 @@ def named_together(vlm: PersonalizedVLM, photos: list[Image.Image], present: lis
 
 def resume_point(library: ConceptLibrary, concept: Concept, vlm: PersonalizedVLM, task: str, steps: int):
     """The steps done and the vector of an interrupted training of `concept` for this model."""
-    entry = concept.embeddings.get(vlm.model_id)
-    if entry is None or entry.get("complete", True):
-        state = "no interrupted training" if entry is None else f"a finished embedding ({entry.get('steps')} steps)"
-        raise MyVLMError(f"concept '{concept.name}' has {state} for {vlm.model_id}; train without --resume")
-    if entry.get("task") != task:
-        raise MyVLMError(f"concept '{concept.name}': the interrupted training was for --task {entry.get('task')}")
-    done = int(entry.get("steps", 0))
+    entry = concept.embedding(vlm.model_id)
+    if entry is None or entry.complete:
+        state = "no interrupted training" if entry is None else f"a finished embedding ({entry.steps} steps)"
+        raise MyVLMError(f"concept '{concept.name}' has {state} for {vlm.model_id}; train it without resuming")
+    if entry.task != task:
+        raise MyVLMError(f"concept '{concept.name}': the interrupted training was for task {entry.task}")
+    done = int(entry.steps or 0)
     if done >= steps:
-        raise MyVLMError(f"concept '{concept.name}': {done} steps are already done; ask for more with --steps")
+        raise MyVLMError(f"concept '{concept.name}': {done} steps are already done; ask for more steps")
     return done, library.load_embedding(concept.name, vlm.model_id, vlm.concept_width)
