@@ -73,7 +73,7 @@ def test_vqa_answers_follow_the_scene_graph():
 def test_pretraining_never_contains_a_personal_concept():
     tokenizer = tw_models.build_tokenizer()
     templates = {(c.shape, c.color, c.mark) for c in toyworld.make_concepts(8)}
-    for name in tw_models.MODEL_NAMES:
+    for name in tw_models.TOY_MODELS:
         rng = np.random.default_rng(1)
         marked = 0
         for seed in range(300):
@@ -139,7 +139,7 @@ def test_processor_pixels_match_training_pixels():
     from transformers import AutoProcessor
 
     image = toyworld.render_scene(toyworld.sample_scene(1))
-    for name in tw_models.MODEL_NAMES:
+    for name in tw_models.TOY_MODELS:
         processor = AutoProcessor.from_pretrained(toyworld.model_path(name))
         got = processor.image_processor(image, return_tensors="pt")["pixel_values"]
         assert torch.allclose(got, tw_models.pixels([image]), atol=1e-6)
@@ -184,11 +184,11 @@ def test_packaged_model_loads_and_captions_held_out_scenes(name, model_type):
 
 
 def test_packaged_weights_are_small():
-    total = sum(p.stat().st_size for n in tw_models.MODEL_NAMES for p in toyworld.model_path(n).glob("*.safetensors"))
+    total = sum(p.stat().st_size for n in tw_models.TOY_MODELS for p in toyworld.model_path(n).glob("*.safetensors"))
     assert 0 < total <= 25 * 1024 * 1024
 
 
-@pytest.mark.parametrize("name", tw_models.MODEL_NAMES)
+@pytest.mark.parametrize("name", tw_models.TOY_MODELS)
 def test_build_is_bit_for_bit_reproducible(name, tmp_path):
     digests = []
     for run in ("a", "b"):
@@ -197,7 +197,7 @@ def test_build_is_bit_for_bit_reproducible(name, tmp_path):
     assert digests[0] == digests[1]
 
 
-@pytest.mark.parametrize("name", tw_models.MODEL_NAMES)
+@pytest.mark.parametrize("name", tw_models.TOY_MODELS)
 def test_generate_returns_the_answer_without_the_prompt(name):
     model, processor = toyworld.load(name)
     image = toyworld.render_scene(toyworld.held_out_scenes(1, offset=9000)[0])
@@ -205,7 +205,7 @@ def test_generate_returns_the_answer_without_the_prompt(name):
     assert answer and not any(echo in answer for echo in ("Question", "How many", "ASSISTANT")), answer
 
 
-@pytest.mark.parametrize("name", tw_models.MODEL_NAMES)
+@pytest.mark.parametrize("name", tw_models.TOY_MODELS)
 def test_packaged_models_answer_questions_from_the_image(name):
     model, processor = toyworld.load(name)
     accuracy = tw_models.vqa_accuracy(model, processor, toyworld.held_out_scenes(30))

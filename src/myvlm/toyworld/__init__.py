@@ -7,7 +7,7 @@ are scored against the scene graph.
 from myvlm.toyworld.data import ConceptData, Example, concept_data, export_dataset, two_concept_examples
 from myvlm.toyworld.models import (
     HEAD_ENCODER,
-    MODEL_NAMES,
+    TOY_MODELS,
     blip2_vqa_prompt,
     build_model,
     evaluate_base,
@@ -42,7 +42,7 @@ __all__ = [
     "ConceptData",
     "Example",
     "HEAD_ENCODER",
-    "MODEL_NAMES",
+    "TOY_MODELS",
     "NAMES",
     "Scene",
     "SceneObject",

@@ -6,15 +6,16 @@ import argparse
 import json
 import time
 
+from myvlm.toynames import TOY_MODELS
 from myvlm.toyworld.data import export_dataset
-from myvlm.toyworld.models import MODEL_NAMES, build_model, evaluate_base, model_path
+from myvlm.toyworld.models import build_model, evaluate_base, model_path
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m myvlm.toyworld")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="pretrain a toy VLM from a seed (bit-for-bit for the same seed and threads)")
-    build.add_argument("--model", choices=MODEL_NAMES, required=True)
+    build.add_argument("--model", choices=TOY_MODELS, required=True)
     build.add_argument("--out", help="output folder (default: the packaged folder)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--threads", type=int, default=2, help="torch threads; the packaged weights used 2")

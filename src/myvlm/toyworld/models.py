@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from myvlm.toynames import TOY_BLIP2, TOY_LLAVA, TOY_MODELS
 from myvlm.toyworld.world import (
     BACKGROUNDS,
     COLORS,
@@ -47,20 +48,19 @@ from myvlm.toyworld.world import (
     with_names,
 )
 
-MODEL_NAMES = ("toy-llava", "toy-blip2")
 # The toy world's CLIP: object heads of toy concepts are probes on toy-llava's CLIP vision tower, for both toy VLMs, as
 # MyVLM's object heads use CLIP ViT-L/14 whether the VLM is LLaVA or BLIP-2.
-HEAD_ENCODER = "vision-tower:toy-llava"
+HEAD_ENCODER = f"vision-tower:{TOY_LLAVA}"
 PATCH = 8
 NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2
 NUM_QUERY_TOKENS = 16
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
-PAD_ID, BOS_ID, EOS_ID, UNK_ID, IMAGE_ID = range(5)
+PAD_ID, BOS_ID, EOS_ID, _, IMAGE_ID = range(5)  # the 4th is <unk>, which the tokenizer finds by its string
 VOCAB_SIZE = 1024
 EVAL_SEED_BASE = 1 << 40  # held-out scenes: never drawn during pretraining (train seeds stay below 2**32)
 TRAIN = {  # vision pretraining steps, caption/VQA steps, batch size: sized for <= 15 min on 2 CPU threads
-    "toy-llava": {"vision_steps": 2400, "steps": 2000, "batch": 32, "lr": 3e-3, "object_centred": True},
-    "toy-blip2": {"vision_steps": 1200, "steps": 3200, "batch": 32, "lr": 1.5e-3, "object_centred": False},
+    TOY_LLAVA: {"vision_steps": 2400, "steps": 2000, "batch": 32, "lr": 3e-3, "object_centred": True},
+    TOY_BLIP2: {"vision_steps": 1200, "steps": 3200, "batch": 32, "lr": 1.5e-3, "object_centred": False},
 }  # object_centred: stage 1 as described in _pretrain_vision; toy-blip2 keeps the plain per-patch recipe
 VISION_LR = 2e-3
 # Weights of stage 1's object-level losses (an object's shape, colour, size, texture, mark kind and mark colour
@@ -71,7 +71,7 @@ VISION_LR = 2e-3
 OBJECT_LOSS_WEIGHTS = (2.0, 2.0, 1.0, 1.0, 2.0, 2.0)
 PATCH_MARK_WEIGHT = 5.0
 # Share of named multi-object scenes that name two objects: BLIP-2 reads both names out of its slots, so it sees more.
-TWO_NAMES_RATE = {"toy-llava": 0.2, "toy-blip2": 0.5}
+TWO_NAMES_RATE = {TOY_LLAVA: 0.2, TOY_BLIP2: 0.5}
 # Share of toy-blip2's pretraining samples that are a question in BLIP-2's VQA prompt instead of a caption.
 BLIP2_VQA_RATE = 0.3
 # Share of LLaVA's named-object slots taken from the mirrored image (see _llava_loss).
@@ -85,8 +85,8 @@ MARK_RATE = 0.3
 
 def model_path(name: str) -> Path:
     """The packaged folder of a toy model, loadable with the usual ``from_pretrained``."""
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown toy model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name not in TOY_MODELS:
+        raise ValueError(f"unknown toy model {name!r}; choose one of {', '.join(TOY_MODELS)}")
     return Path(__file__).parent / "models" / name
 
 
@@ -170,7 +170,7 @@ def _configs(name: str):
     )
 
     special = {"pad_token_id": PAD_ID, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID}
-    if name == "toy-llava":
+    if name == TOY_LLAVA:
         vision = CLIPVisionConfig(
             hidden_size=96,
             intermediate_size=256,
@@ -246,7 +246,7 @@ def _new_model(name: str):
     from transformers import Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     config = _configs(name)
-    if name == "toy-llava":
+    if name == TOY_LLAVA:
         return LlavaForConditionalGeneration._from_config(config, attn_implementation="eager")
     model = Blip2ForConditionalGeneration._from_config(config, attn_implementation="eager")
     with torch.no_grad():  # HF initialises the queries to zeros: identical queries would stay identical forever
@@ -258,7 +258,7 @@ def _processor(name: str, tokenizer):
     from transformers import Blip2Processor, BlipImageProcessor, CLIPImageProcessor, LlavaProcessor
 
     norm = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
-    if name == "toy-llava":
+    if name == TOY_LLAVA:
         image_processor = CLIPImageProcessor(
             size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, **norm
         )
@@ -317,7 +317,7 @@ def _sample(rng: np.random.Generator, seed: int, model: str) -> tuple[Scene, lis
         scene = with_names(scene, dict(zip(idx, names, strict=True)))
     pairs = vqa_pairs(scene, rng)
     question = pairs[int(rng.integers(len(pairs)))]
-    if model == "toy-blip2":  # one turn: a caption from the empty prompt, or an answer after "Question: … Answer:"
+    if model == TOY_BLIP2:  # one turn: a caption from the empty prompt, or an answer after "Question: … Answer:"
         vqa = rng.random() < BLIP2_VQA_RATE
         return scene, [(blip2_vqa_prompt(question[0]), question[1]) if vqa else ("", caption(scene))]
     turns = [(caption_prompt([scene.names[i] for i in sorted(scene.names)]), caption(scene))]
@@ -341,7 +341,7 @@ def _batch(model_name: str, tokenizer, rng: np.random.Generator, seeds: list[int
     ids, labels, refs, places = [], [], [], []
     for scene, turns in items:
         slots = _ref_order(scene)
-        if model_name == "toy-llava":
+        if model_name == TOY_LLAVA:
             prompt = llava_prompt(turns[0][0]).replace("<image>", "<image>" * (NUM_PATCHES + len(slots)))
             seq = tokenizer(prompt)["input_ids"]
             lab = [-100] * len(seq)
@@ -418,31 +418,17 @@ def _llava_loss(model, pix, input_ids, labels, mask, refs, places, position_head
     return model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss + POSITION_LOSS_WEIGHT * position_loss
 
 
-def _blip2_query_embeds(model, backend, vis, extras) -> torch.Tensor:
+def _blip2_query_embeds(backend, vis, extras) -> torch.Tensor:
     """Q-Former outputs projected into the LM, cross-attending to the visual states plus each sample's extra slots.
 
-    The slots enter through the library's own BLIP-2 hooks (``myvlm.backends.blip2``), exactly as a learned concept
+    The slots enter through the library's own BLIP-2 backend (``myvlm.backends.blip2``), exactly as a learned concept
     vector does later: L2-normalized, through the vision encoder's post-LayerNorm, appended as extra encoder tokens,
     unused slots masked, and each slot's cross-attention key/value rescaled to the image tokens' mean norm.
     """
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    from myvlm.backends import Injection
-
     width = vis.shape[-1]
     vectors = [torch.stack(list(e)) if len(e) else vis.new_zeros(0, width) for e in extras]
-    backend.injection = Injection(vectors)
-    try:
-        vision = BaseModelOutputWithPooling(last_hidden_state=vis)
-        enc = (backend._append_concepts(model.vision_model, (), vision) or vision).last_hidden_state
-        query = model.qformer(
-            query_embeds=model.query_tokens.expand(vis.shape[0], -1, -1),
-            encoder_hidden_states=enc,
-            encoder_attention_mask=torch.ones(enc.shape[:-1], dtype=torch.long),
-        ).last_hidden_state
-    finally:
-        backend.injection = None
-    return model.language_projection(query)
+    with backend.inject(vectors):
+        return backend.image_features(vis)[0]
 
 
 def _blip2_loss(model, pix, input_ids, labels, mask, refs, places, backend):
@@ -453,7 +439,7 @@ def _blip2_loss(model, pix, input_ids, labels, mask, refs, places, backend):
         for b in range(len(refs))
     ]
     embeds = model.get_input_embeddings()(input_ids)
-    embeds = torch.cat([_blip2_query_embeds(model, backend, vis, extras), embeds[:, NUM_QUERY_TOKENS:]], 1)
+    embeds = torch.cat([_blip2_query_embeds(backend, vis, extras), embeds[:, NUM_QUERY_TOKENS:]], 1)
     logits = model.language_model(inputs_embeds=embeds, attention_mask=mask).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
@@ -520,7 +506,7 @@ def _pretrain_vision(name: str, model, seed: int, steps: int, batch: int, progre
     linear heads are thrown away. An object-centred tower (toy-llava's, the toy world's CLIP) also predicts each
     object's attributes from the mean of its patches (``OBJECT_LOSS_WEIGHTS``), weighs the per-patch mark losses
     ``PATCH_MARK_WEIGHT`` times, and leaves the background to the patches no object covers."""
-    vision = model.model.vision_tower if name == "toy-llava" else model.vision_model
+    vision = model.model.vision_tower if name == TOY_LLAVA else model.vision_model
     heads = torch.nn.Linear(vision.config.hidden_size, sum(_HEAD_SIZES))
     params = list(vision.parameters()) + list(heads.parameters())
     object_centred = TRAIN[name]["object_centred"]
@@ -567,8 +553,8 @@ def build_model(
     Same seed, torch version and thread count give the same bytes: all randomness flows from the seed and torch runs
     with deterministic algorithms.
     """
-    if name not in MODEL_NAMES:
-        raise ValueError(f"unknown toy model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    if name not in TOY_MODELS:
+        raise ValueError(f"unknown toy model {name!r}; choose one of {', '.join(TOY_MODELS)}")
     previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
@@ -583,19 +569,19 @@ def build_model(
 
 def _pretrain(name: str, out: Path, seed: int, progress: bool, steps: int | None) -> Path:
     start = time.time()
-    tokenizer = build_tokenizer(image_token_attribute=name == "toy-llava")
+    tokenizer = build_tokenizer(image_token_attribute=name == TOY_LLAVA)
     model = _new_model(name)
     model.train()
     hp = TRAIN[name]
     steps = steps or hp["steps"]
     _pretrain_vision(name, model, seed, max(1, steps * hp["vision_steps"] // hp["steps"]), hp["batch"], progress, start)
     # as in real LLaVA / BLIP-2 pretraining the vision encoder stays frozen from here on
-    (model.model.vision_tower if name == "toy-llava" else model.vision_model).requires_grad_(False)
+    (model.model.vision_tower if name == TOY_LLAVA else model.vision_model).requires_grad_(False)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
     groups = [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}]
-    if name == "toy-llava":  # the auxiliary position head of _llava_loss, not saved
+    if name == TOY_LLAVA:  # the auxiliary position head of _llava_loss, not saved
         position_head = torch.nn.Linear(model.config.text_config.hidden_size, len(POSITIONS))
         groups.append({"params": list(position_head.parameters()), "weight_decay": 0.01})
     opt = torch.optim.AdamW(groups, lr=hp["lr"], betas=(0.9, 0.98))
@@ -603,7 +589,7 @@ def _pretrain(name: str, out: Path, seed: int, progress: bool, steps: int | None
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     )
-    if name == "toy-llava":
+    if name == TOY_LLAVA:
 
         def loss_fn(*batch):
             return _llava_loss(*batch, position_head)
@@ -628,7 +614,7 @@ def _pretrain(name: str, out: Path, seed: int, progress: bool, steps: int | None
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if progress and (step % 50 == 0 or step == steps - 1):
             print(f"[{name}] step {step}/{steps} loss {running:.4f} {time.time() - start:.0f}s", flush=True)
-    if name != "toy-llava":
+    if name != TOY_LLAVA:
         backend.remove_hooks()
     model.eval()
     model.generation_config.max_new_tokens = 24
@@ -650,7 +636,7 @@ def load(name_or_dir):
     """(model, processor) from a toy model name or folder, through the standard ``from_pretrained`` path."""
     from transformers import AutoConfig, AutoProcessor, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
-    path = model_path(name_or_dir) if name_or_dir in MODEL_NAMES else Path(name_or_dir)
+    path = model_path(name_or_dir) if name_or_dir in TOY_MODELS else Path(name_or_dir)
     kind = AutoConfig.from_pretrained(path).model_type
     cls = LlavaForConditionalGeneration if kind == "llava" else Blip2ForConditionalGeneration
     # eager attention: sdpa cannot return the attention probabilities MyVLM's attention regularizer needs
@@ -701,21 +687,19 @@ def generate_with_slots(
         out = model.generate(
             inputs_embeds=embeds, attention_mask=ids["attention_mask"], max_new_tokens=max_new_tokens, do_sample=False
         )
-    else:  # what users get: the slot enters through the library's BLIP-2 hooks during HF's own generate()
-        from myvlm.backends import Injection, backend_for
+    else:  # what users get: the slot enters through the library's BLIP-2 backend during HF's own generate()
+        from myvlm.backends import backend_for
 
-        text = "" if instruction is None else blip2_vqa_prompt(instruction)
-        inputs = processor(images=[image], text=[text], return_tensors="pt")
         backend = backend_for(model.config.model_type)(model, processor)
-        width = backend.concept_width
-        backend.injection = Injection([torch.stack(list(slots)) if slots else torch.zeros(0, width)])
         try:
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+            batch = backend.encode(
+                [image], ["" if instruction is None else blip2_vqa_prompt(instruction)], [len(slots)]
+            )
+            vectors = torch.stack(list(slots)) if slots else torch.zeros(0, backend.concept_width)
+            with backend.inject([vectors]):
+                return backend.generate(batch, max_new_tokens=max_new_tokens)[0]
         finally:
-            backend.injection = None
             backend.remove_hooks()
-        if backend.generation_includes_prompt:
-            out = out[:, inputs["input_ids"].shape[1] :]
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
