@@ -225,15 +225,17 @@ def test_llava_names_the_object_in_the_concept_slot():
 
 @pytest.mark.parametrize("model", ["toy-llava", "toy-blip2"])
 def test_concept_head_on_the_vision_tower_tells_the_concept_from_its_twin(model):
-    """The demo's head: a probe at the best patch of the toy VLM's own vision tower (loaded by encoder name alone)."""
+    """The demo's head: a probe at the best patch of the toy VLM's own vision tower (resolved from its encoder name by the caller)."""
     from myvlm.demo import scene_seed_negatives
     from myvlm.heads import ConceptDetector, ObjectHead
+    from myvlm.model import resolve_encoder
 
     data = toyworld.concept_data(n_concepts=1, seed=0, n_positives=20, n_negatives=20, n_hard_negatives=20)[0]
     negatives = scene_seed_negatives(data.concept, 20, seed=0)
-    head = ObjectHead.train([e.image for e in data.train], negatives, encoder=f"vision-tower:{model}")
-    assert head.calibration["method"] == "region probe"
-    found = ConceptDetector({"c": head}).detect(
+    encoder = resolve_encoder(f"vision-tower:{model}")
+    head = ObjectHead.train([e.image for e in data.train], negatives, encoder=encoder)
+    assert head.calibration["method"] == "region probe" and head.encoder_name == f"vision-tower:{model}"
+    found = ConceptDetector({"c": head}, {encoder.name: encoder}).detect(
         [e.image for e in data.positives + data.hard_negatives + data.negatives]
     )
     fired = [bool(f) for f in found]

@@ -65,8 +65,10 @@ def cmd_concept_add(args) -> None:
     if args.kind == "person":
         head = FaceHead.enroll(images, sources=names)
     else:
+        from myvlm.model import resolve_encoder
+
         negatives = _load_images(args.negatives, skip_bad=True)[0] if args.negatives else None
-        head = ObjectHead.train(images, negatives, encoder=args.encoder)
+        head = ObjectHead.train(images, negatives, encoder=resolve_encoder(args.encoder))
     concept = library.create(name, kind=args.kind, identifier=args.identifier, class_word=args.class_word, head=head)
     print(
         f"added {concept.kind} concept '{concept.name}' (identifier '{concept.identifier}') from {len(images)} photos"
@@ -110,6 +112,15 @@ def cmd_concept_remove(args) -> None:
     print(f"removed concept '{args.name}'")
 
 
+def _vision_towers(heads) -> dict:
+    """The VLM vision towers object heads score with (`vision-tower:MODEL`), loaded once each."""
+    from myvlm.heads import ObjectHead
+    from myvlm.model import resolve_encoder
+
+    names = {h.encoder_name for h in heads.values() if isinstance(h, ObjectHead)}
+    return {n: resolve_encoder(n) for n in sorted(names) if n.startswith("vision-tower:")}
+
+
 def cmd_detect(args) -> None:
     from myvlm.heads import ConceptDetector
 
@@ -119,7 +130,7 @@ def cmd_detect(args) -> None:
     if not heads:
         raise MyVLMError(f"no concepts with heads in {library.root}; add one with `myvlm concept add`")
     images, names = _load_images(args.images, skip_bad=True)
-    found = ConceptDetector(heads).detect(images)
+    found = ConceptDetector(heads, _vision_towers(heads)).detect(images)
     results = [
         {
             "image": name,

@@ -49,10 +49,10 @@ def run_demo(
     out=sys.stdout,
 ) -> dict:
     from myvlm.heads import ConceptDetector, ObjectHead
-    from myvlm.model import load
+    from myvlm.model import load, resolve_encoder
+    from myvlm.text import naming_metrics
     from myvlm.toyworld import HEAD_ENCODER, caption_attribute_accuracy, concept_data
     from myvlm.training import TrainingConfig, caption_examples, learn_concept
-    from myvlm.vision_encoder import register_vision_tower
 
     started = time.perf_counter()
     say = lambda text: print(text, file=out, flush=True)  # noqa: E731
@@ -67,10 +67,10 @@ def run_demo(
     concept, identifier = data.concept, data.concept.identifier
     say(f"myvlm demo: {model}, concept '{identifier}' = a {concept.describe()}")
     say(f"1/4 head: linear probe on {HEAD_ENCODER} features from {len(data.train)} photos")
-    register_vision_tower(vlm)  # on toy-llava the head reuses the loaded tower instead of loading it again
+    encoder = resolve_encoder(HEAD_ENCODER, vlm)  # on toy-llava the head reuses the loaded tower
     train_images = [e.image for e in data.train]
-    head = ObjectHead.train(train_images, scene_seed_negatives(concept, 60, seed), encoder=HEAD_ENCODER, seed=seed)
-    detector = ConceptDetector({identifier: head})
+    head = ObjectHead.train(train_images, scene_seed_negatives(concept, 60, seed), encoder=encoder, seed=seed)
+    detector = ConceptDetector({identifier: head}, {HEAD_ENCODER: encoder})
 
     say(f"2/4 embedding: {steps} steps on {len(train_images)} photos")
     captions = [[e.caption] for e in data.train]
@@ -90,9 +90,7 @@ def run_demo(
 
     say("4/4 scoring against the scene graphs")
     is_positive = [i < len(positives) for i in range(len(examples))]
-    named = [identifier in c.text for c in personal]
-    recall = sum(n for n, p in zip(named, is_positive, strict=True) if p) / len(positives)
-    precision = (sum(n and p for n, p in zip(named, is_positive, strict=True)) / sum(named)) if any(named) else 0.0
+    naming = naming_metrics([c.text for c in personal], identifier, is_positive)
     preserved = [b.text == p.text for b, p, pos in zip(base, personal, is_positive, strict=True) if not pos]
     head_hits = [bool(f) for f in fired]
     head_recall = sum(h for h, p in zip(head_hits, is_positive, strict=True) if p) / len(positives)
@@ -117,8 +115,8 @@ def run_demo(
         "concept": identifier,
         "n_pos": len(positives),
         "n_neg": len(negatives),
-        "recall": round(recall, 4),
-        "precision": round(precision, 4),
+        "recall": round(naming.recall, 4),
+        "precision": round(naming.precision, 4),
         "preservation": round(sum(preserved) / len(preserved), 4),
         "head_recall": round(head_recall, 4),
         "head_precision": round(head_precision, 4),
@@ -140,13 +138,14 @@ def run_demo(
         write_json_atomic(Path(json_path), metrics)
     if report_path:
         from myvlm.report import write_report
+        from myvlm.text import word_pattern
 
         rows = [
             (
                 e.image,
                 ("concept photo" if p else "negative") + (" · head fired" if f else ""),
                 [b.text, c.text],
-                identifier in c.text,
+                word_pattern(identifier).search(c.text) is not None,
             )
             for e, p, f, b, c in zip(examples, is_positive, fired, base, personal, strict=True)
         ]

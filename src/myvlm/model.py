@@ -16,6 +16,8 @@ from myvlm.backends import CAPTION, VQA, Backend, Batch, Injection, backend_for
 from myvlm.embeddings import ActiveConcept, ConceptEmbeddings
 from myvlm.errors import MyVLMError
 from myvlm.toynames import TOY_MODELS
+from myvlm.vision_encoder import PREFIX as VISION_TOWER
+from myvlm.vision_encoder import VisionTowerEncoder
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -103,12 +105,15 @@ class PersonalizedVLM:
     def remove_concept(self, name: str) -> None:
         self.embeddings.remove(name)
 
+    @property
+    def vision_encoder(self) -> VisionTowerEncoder:
+        """This model's own vision tower as an object-head encoder (`vision-tower:<model id>`)."""
+        return VisionTowerEncoder(self.backend, self.model_id)
+
     def use_library(self, library) -> list[str]:
         """Load every library concept that has an embedding for this model, and its head for detection."""
-        from myvlm.heads import ConceptDetector
-        from myvlm.vision_encoder import register_vision_tower
+        from myvlm.heads import ConceptDetector, ObjectHead
 
-        register_vision_tower(self)  # heads on this model's own vision tower score with it, not a second copy
         loaded, heads = [], {}
         for concept in library.concepts():
             heads_entry = library.load_head(concept.name)
@@ -116,7 +121,10 @@ class PersonalizedVLM:
                 heads[concept.name] = heads_entry
             if self.embeddings.load(library, concept.name, self.model_id):
                 loaded.append(concept.name)
-        self.detector = ConceptDetector({n: h for n, h in heads.items() if n in self.concepts}) if heads else None
+        heads = {n: h for n, h in heads.items() if n in self.concepts}
+        names = {h.encoder_name for h in heads.values() if isinstance(h, ObjectHead)}
+        encoders = {n: resolve_encoder(n, self) for n in names if n.startswith(VISION_TOWER)}
+        self.detector = ConceptDetector(heads, encoders) if heads else None
         return loaded
 
     def detect(self, images: Sequence[Image.Image]) -> list[list[str]]:
@@ -209,3 +217,14 @@ def _progress(total: int, enabled: bool):
 def load(name: str, **kwargs) -> PersonalizedVLM:
     """Shorthand for PersonalizedVLM.from_pretrained."""
     return PersonalizedVLM.from_pretrained(name, **kwargs)
+
+
+def resolve_encoder(name: str, loaded: PersonalizedVLM | None = None):
+    """An object-head encoder name as heads take it: `vision-tower:MODEL` becomes that VLM's vision tower (`loaded`'s
+    where it is that model, else the model is loaded); other names stay names, for the heads' encoder registry."""
+    if not name.startswith(VISION_TOWER):
+        return name
+    model = name.removeprefix(VISION_TOWER)
+    if loaded is not None and loaded.model_id == model:
+        return loaded.vision_encoder
+    return load(model).vision_encoder

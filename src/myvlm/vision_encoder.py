@@ -1,4 +1,9 @@
-"""A VLM's own frozen vision tower as an object-head encoder (the default for toy models, which see toy scenes)."""
+"""A VLM's own frozen vision tower as an object-head encoder (the default for toy models, which see toy scenes).
+
+The backend says which module is its vision tower and how images become its pixels; this adapter only gives it the
+`ImageEncoder` shape heads expect. Callers that load VLMs (`myvlm.model.resolve_encoder`) resolve the encoder name
+`vision-tower:MODEL`; the heads layer never loads a VLM.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from myvlm.heads import register_encoder
+PREFIX = "vision-tower:"
+
+
+def encoder_name(model_id: str) -> str:
+    return f"{PREFIX}{model_id}"
 
 
 class VisionTowerEncoder:
@@ -18,35 +27,17 @@ class VisionTowerEncoder:
 
     trained_probe = True
 
-    def __init__(self, vlm) -> None:
-        self.vlm = vlm
-        self.name = encoder_name(vlm.model_id)
-        self.tower = vlm.model.vision_model if vlm.family == "blip2" else vlm.model.model.vision_tower
+    def __init__(self, backend, model_id: str) -> None:
+        self.backend = backend
+        self.name = encoder_name(model_id)
+        self.tower = backend.vision_tower
         self.dim = self.tower.config.hidden_size
 
     @torch.no_grad()
     def embed_regions(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = self.vlm.backend.pixel_values(images).to(self.vlm.backend.device, self.vlm.backend.dtype)
+        pixels = self.backend.pixel_values(images).to(self.backend.device, self.backend.dtype)
         patches = self.tower(pixel_values=pixels).last_hidden_state[:, 1:].float()
         return F.normalize(torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1), dim=-1).cpu()
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.embed_regions(images)[:, 0]
-
-
-def encoder_name(model_id: str) -> str:
-    return f"vision-tower:{model_id}"
-
-
-def register_vision_tower(vlm) -> str:
-    """Make `vision-tower:<model id>` available to object heads while this VLM is loaded."""
-    name = encoder_name(vlm.model_id)
-    register_encoder(name, lambda: VisionTowerEncoder(vlm))
-    return name
-
-
-def load_vision_tower(name: str) -> VisionTowerEncoder:
-    """`vision-tower:<model id>` for commands that load no VLM themselves (`concept add`, `detect`)."""
-    from myvlm.model import load
-
-    return VisionTowerEncoder(load(name.removeprefix("vision-tower:")))

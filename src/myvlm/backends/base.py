@@ -82,6 +82,11 @@ class Backend:
     def concept_width(self) -> int:
         raise NotImplementedError
 
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        """The frozen vision encoder (its `last_hidden_state` is [B, 1 + patches, width]), e.g. for object heads."""
+        raise NotImplementedError
+
     def _register_hooks(self) -> None:
         raise NotImplementedError
 

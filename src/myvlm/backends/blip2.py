@@ -41,6 +41,10 @@ class Blip2Backend(Backend):
     def concept_width(self) -> int:
         return self.model.config.vision_config.hidden_size
 
+    @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.vision_model
+
     def _register_hooks(self) -> None:
         self._handles.append(self.model.vision_model.register_forward_hook(self._append_concepts))
         self._handles.append(self.model.qformer.register_forward_pre_hook(self._mask_unused_slots, with_kwargs=True))

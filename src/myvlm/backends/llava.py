@@ -44,6 +44,10 @@ class LlavaBackend(Backend):
         return self.model.config.text_config.hidden_size
 
     @property
+    def vision_tower(self) -> torch.nn.Module:
+        return self.model.model.vision_tower
+
+    @property
     def image_token_id(self) -> int:
         return self.model.config.image_token_id
 

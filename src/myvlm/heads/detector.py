@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from myvlm.errors import MyVLMError
-from myvlm.heads.encoders import embed_regions, get_encoder
+from myvlm.heads.encoders import ImageEncoder, embed_regions, get_encoder
 from myvlm.heads.faces import FaceHead, get_face_backend
 from myvlm.heads.objects import ObjectHead
 from myvlm.heads.regions import best_region_scores
@@ -39,7 +39,9 @@ def head_from_state(config: dict, tensors: dict[str, torch.Tensor]) -> FaceHead 
 class ConceptDetector:
     """Concept detection for a set of named heads; every face is given to the nearest enrolled person only."""
 
-    def __init__(self, heads: Mapping[str, FaceHead | ObjectHead]):
+    def __init__(self, heads: Mapping[str, FaceHead | ObjectHead], encoders: Mapping[str, ImageEncoder] | None = None):
+        """`encoders`: encoder objects by name (e.g. a loaded VLM's vision tower); others come from the registry."""
+        self.encoders = dict(encoders or {})
         self.face_heads = {name: head for name, head in heads.items() if isinstance(head, FaceHead)}
         self.object_groups: dict[str, tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         by_encoder: dict[str, list[str]] = {}
@@ -62,7 +64,8 @@ class ConceptDetector:
     def _object_probabilities(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         probabilities = {}
         for encoder_name, (names, weights, biases, _) in self.object_groups.items():
-            features = embed_regions(get_encoder(encoder_name), images)
+            encoder = self.encoders.get(encoder_name) or get_encoder(encoder_name)
+            features = embed_regions(encoder, images)
             if features.shape[-1] != weights.shape[1]:
                 raise MyVLMError(
                     f"encoder {encoder_name!r} gives {features.shape[-1]}-d features but {', '.join(names)} "

@@ -55,12 +55,9 @@ def get_encoder(name: str = DEFAULT_ENCODER) -> ImageEncoder:
     with _LOCK:
         if name in _CACHE:
             return _CACHE[name]
-        if name not in _FACTORIES and name.startswith("vision-tower:"):
-            from myvlm.vision_encoder import load_vision_tower
-
-            _FACTORIES[name] = lambda: load_vision_tower(name)
         if name not in _FACTORIES:
-            raise MyVLMError(f"unknown image encoder {name!r}; registered: {', '.join(sorted(_FACTORIES))}")
+            hint = " (a VLM's vision tower: pass its encoder object)" if name.startswith("vision-tower:") else ""
+            raise MyVLMError(f"unknown image encoder {name!r}{hint}; registered: {', '.join(sorted(_FACTORIES))}")
         encoder = _FACTORIES[name]()
         if encoder.name != name:
             raise MyVLMError(f"encoder factory for {name!r} built an encoder named {encoder.name!r}")
