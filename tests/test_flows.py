@@ -12,9 +12,9 @@ import pytest
 from myvlm.cli import main
 from myvlm.library import ConceptLibrary
 from myvlm.model import TOY_MODELS
+from myvlm.text import word_pattern
 from myvlm.toyworld import HEAD_ENCODER, render_scene, sample_scene
 from myvlm.toyworld.world import NUMBER_WORDS, POSITIONS, SceneObject, horizontal_position
-from myvlm.text import word_pattern
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,7 @@ def test_llava_names_the_object_in_the_concept_slot():
 
 @pytest.mark.parametrize("model", ["toy-llava", "toy-blip2"])
 def test_concept_head_on_the_vision_tower_tells_the_concept_from_its_twin(model):
-    """The demo's head: a probe at the best patch of the toy VLM's own vision tower (resolved from its encoder name by the caller)."""
+    """The demo's head: a probe at the best patch of the toy VLM's own vision tower (its encoder resolved by name)."""
     from myvlm.demo import scene_seed_negatives
     from myvlm.heads import ConceptDetector, ObjectHead
     from myvlm.model import resolve_encoder
