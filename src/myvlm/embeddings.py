@@ -115,5 +115,6 @@ class ConceptEmbeddings(nn.Module):
         return True
 
     def save(self, library, name: str, model_id: str, **info) -> None:
-        """Store the current vector of `name` for `model_id` in the library (`info` goes to its manifest entry)."""
+        """Store the current vector of `name` for `model_id` in the library (`info`: its manifest entry, an
+        `entry=EmbeddingEntry(...)` and/or its fields)."""
         library.save_embedding(name, model_id, self.vector(name).detach(), **info)

@@ -212,7 +212,7 @@ def train_concept(
         **{**vars(entry), "steps": total, "final_loss": round(result.losses[-1], 4), "complete": True},
     )
     final.stopped_early = result.stopped_early
-    library.save_embedding(concept.name, vlm.model_id, result.vector, final)
+    vlm.embeddings.save(library, concept.name, vlm.model_id, entry=final)  # the vector just learned
     return ConceptTraining(concept.name, vlm.model_id, total, result.losses[-1], result.stopped_early)
 
 
@@ -318,7 +318,8 @@ def train_together(
     if result is None:
         vlm.embeddings.restore(alone)
         return outcome
-    for name, vector in zip(names, result.vector, strict=True):
+    vlm.embeddings.restore(dict(zip(names, result.vector, strict=True)))
+    for name in names:
         entry = EmbeddingEntry(**{**vars(entries[name]), "width": None, "saved": None})
         entry.together = {
             "with": [n for n in names if n != name],
@@ -327,8 +328,7 @@ def train_together(
             "photos": len(images),
             "final_loss": round(result.losses[-1], 4),
         }
-        library.save_embedding(name, vlm.model_id, vector, entry)
-    vlm.embeddings.restore(dict(zip(names, result.vector, strict=True)))
+        vlm.embeddings.save(library, name, vlm.model_id, entry=entry)
     return TogetherTraining(**{**vars(outcome), "stored": True})
 
 

@@ -402,8 +402,8 @@ def _llava_loss(model, pix, input_ids, labels, mask, refs, places, position_head
     (trained on photos with the concept anywhere); otherwise "Where is Mia?" is read off the slot.
 
     ``position_head`` (thrown away after pretraining) predicts each object's horizontal third from the mean of its
-    projected patches: without it the projector drops the position the tower knows (a linear probe reads it 0.94 from
-    the tower, 0.52 after the projector) and position questions stay at chance."""
+    projected patches: without it the projector drops the position the tower knows and position questions stay at
+    chance (benchmarks/RESULTS.md)."""
     feats = _llava_image_features(model, pix)
     mirrored = _llava_image_features(model, pix.flip(-1))
     flips = iter((torch.rand(sum(len(r) for r in refs)) < MIRRORED_SLOT_RATE).tolist())
