@@ -39,15 +39,14 @@ class Injection:
 
     Set by the caller: the concept vectors to insert, one [k_i, width] tensor per sample (k_i may be 0), whether to
     record the regularizer's attention terms, and the batch (token positions, padding mask; `loss` fills it in).
-    Written by the hooks during the pass: the attention terms (one per attention layer) and the family's scratch
-    values (`scratch`, e.g. BLIP-2's image-token count, slot mask and queries), so none of it lives on the backend.
+    Written by the hooks during the pass: the attention terms (one per attention layer). A family whose hooks pass
+    more values on declares them in a subclass (`Backend.injection_class`), so none of it lives on the backend.
     """
 
     vectors: list[torch.Tensor]
     record_attention: bool = False
     batch: Batch | None = None
     attention_terms: list[torch.Tensor] = field(default_factory=list)
-    scratch: dict[str, torch.Tensor | int] = field(default_factory=dict)
 
     @property
     def any(self) -> bool:
@@ -67,6 +66,8 @@ class Backend:
     training_starts: ClassVar[int] = 1
     # Decoder-only LMs return prompt + answer from generate(); encoder-decoders return the answer only.
     generation_includes_prompt: bool = True
+    # The per-forward state this family's hooks use (a subclass of Injection where they pass values on).
+    injection_class: ClassVar[type[Injection]] = Injection
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         self.model = model
@@ -119,7 +120,7 @@ class Backend:
         way concepts enter. With `record_attention`, the hooks record the regularizer's terms (`regularizer`)."""
         if self._injection is not None:
             raise RuntimeError("concepts are already being injected; inject() does not nest")
-        self._injection = Injection(list(vectors), record_attention=record_attention, batch=batch)
+        self._injection = self.injection_class(list(vectors), record_attention=record_attention, batch=batch)
         try:
             yield self._injection
         finally:

@@ -14,6 +14,7 @@ per image view (`cache_views`) and each step runs only the Q-Former and the LLM 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -21,7 +22,16 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.blip_2.modeling_blip_2 import BaseModelOutputWithVisionQformerOutputs
 
-from myvlm.backends.base import CAPTION, VQA, Backend, Batch, normalized
+from myvlm.backends.base import CAPTION, VQA, Backend, Batch, Injection, normalized
+
+
+@dataclass
+class Blip2Injection(Injection):
+    """BLIP-2's per-forward state: what the vision hook passes on to the Q-Former's hooks."""
+
+    n_image: int = 0  # vision tokens before the concept slots
+    slot_mask: torch.Tensor | None = None  # [B, k_max], 1 for a used slot
+    queries: torch.Tensor | None = None  # the current cross-attention layer's queries (while recording attention)
 
 
 class Blip2Backend(Backend):
@@ -29,6 +39,7 @@ class Blip2Backend(Backend):
     model_types = ("blip-2",)
     model_class = Blip2ForConditionalGeneration
     processor_class = Blip2Processor
+    injection_class = Blip2Injection
     reg_lambda = {CAPTION: 0.04, VQA: 0.04}
     # The name comes from the vector alone (the prompt is empty), so a start that lands on a plateau stays there.
     training_starts = 3
@@ -124,8 +135,6 @@ class Blip2Backend(Backend):
         return self.model(pixel_values=None, mm_encoder_outputs={"image": image}, **inputs, use_cache=False).loss
 
     # --- hooks ---------------------------------------------------------------------------------------------------
-    # Per-forward values the hooks pass on live in the injection's scratch: "n_image" (vision tokens before the
-    # slots), "slot_mask" ([B, k_max], 1 for a used slot) and "queries" (the current cross-attention layer's queries).
     def _append_concepts(self, module, args, output):
         """Vision encoder output [B, 257, W] -> [B, 257+k_max, W]; unused slots are zeros, masked in the Q-Former."""
         injection = self.injection
@@ -141,8 +150,8 @@ class Blip2Backend(Backend):
             if len(vectors):
                 slots[b, : len(vectors)] = post_layernorm(normalized(vectors).to(hidden.dtype))
         output.last_hidden_state = torch.cat([hidden, slots], dim=1)
-        injection.scratch["n_image"] = hidden.shape[1]
-        injection.scratch["slot_mask"] = torch.tensor(
+        injection.n_image = hidden.shape[1]
+        injection.slot_mask = torch.tensor(
             [[1] * len(v) + [0] * (k_max - len(v)) for v in injection.vectors], device=hidden.device
         )
         return output
@@ -151,8 +160,8 @@ class Blip2Backend(Backend):
         injection = self.injection
         if injection is None or not injection.any:
             return None
-        image_mask = kwargs["encoder_attention_mask"][:, : injection.scratch["n_image"]]
-        kwargs["encoder_attention_mask"] = torch.cat([image_mask, injection.scratch["slot_mask"]], dim=1)
+        image_mask = kwargs["encoder_attention_mask"][:, : injection.n_image]
+        kwargs["encoder_attention_mask"] = torch.cat([image_mask, injection.slot_mask], dim=1)
         return args, kwargs
 
     def _rescale(self, module, args, projected: torch.Tensor):
@@ -160,7 +169,7 @@ class Blip2Backend(Backend):
         injection = self.injection
         if injection is None or not injection.any:
             return None
-        n = injection.scratch["n_image"]
+        n = injection.n_image
         image_part, concept_part = projected[:, :n], projected[:, n:]
         target = image_part.norm(dim=-1, keepdim=True).mean(dim=1, keepdim=True)
         rescaled = concept_part / concept_part.norm(dim=-1, keepdim=True).clamp_min(1e-12) * target
@@ -169,7 +178,7 @@ class Blip2Backend(Backend):
     def _keep_queries(self, module, args, queries: torch.Tensor):
         injection = self.injection
         if injection is not None and injection.record_attention and injection.any:
-            injection.scratch["queries"] = queries
+            injection.queries = queries
         return None
 
     def _rescale_keys(self, module, args, projected: torch.Tensor):
@@ -179,9 +188,9 @@ class Blip2Backend(Backend):
             injection.attention_terms.append(self._concept_attention_term(injection, keys))
         return keys
 
-    def _concept_attention_term(self, injection, keys: torch.Tensor) -> torch.Tensor:
+    def _concept_attention_term(self, injection: Blip2Injection, keys: torch.Tensor) -> torch.Tensor:
         """mean(p²) of the queries' cross-attention to the (used) concept slots, recomputed from q and k."""
-        queries, slot_mask, n_image = (injection.scratch[k] for k in ("queries", "slot_mask", "n_image"))
+        queries, slot_mask, n_image = injection.queries, injection.slot_mask, injection.n_image
         heads = self.model.config.qformer_config.num_attention_heads
         head_dim = queries.shape[-1] // heads
         q = queries.view(queries.shape[0], -1, heads, head_dim).transpose(1, 2).float()
