@@ -6,7 +6,7 @@ model's concept width (frozen outside training), next to the identifier the VLM 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,14 +28,19 @@ class ConceptEmbeddings(nn.Module):
     """One vector per concept name. Names may hold characters a parameter name may not ('.'), so parameters are
     keyed by position of first addition and looked up through `name`."""
 
-    def __init__(self, width: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, width: int, device: torch.device | str | Callable[[], torch.device] = "cpu") -> None:
+        """`device`: where vectors live, or a function that says where the model is now (it may be moved later)."""
         super().__init__()
         self.width = width
-        self.device = torch.device(device)
+        self._device = device if callable(device) else (lambda fixed=torch.device(device): fixed)
         self.vectors = nn.ParameterDict()
         self.identifiers: dict[str, str] = {}
         self._keys: dict[str, str] = {}
         self._added = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self._device()
 
     # --- reading ----------------------------------------------------------------------------------------------
     def __contains__(self, name: object) -> bool:

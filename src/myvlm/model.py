@@ -51,7 +51,7 @@ class PersonalizedVLM:
         self.processor = processor
         self.model_id = model_id
         self.backend: Backend = backend_for(model.config.model_type)(model, processor)
-        self.embeddings = ConceptEmbeddings(self.backend.concept_width, self.backend.device)
+        self.embeddings = ConceptEmbeddings(self.backend.concept_width, lambda: self.backend.device)
         self.detector = None
 
     @classmethod
