@@ -145,6 +145,14 @@ def test_one_damaged_concept_costs_only_itself(case, template, tmp_path, capsys)
     assert error.startswith("myvlm: error: ") and reason in error and "\n" not in error
     assert snapshot(lib) == before  # reading, checking and failing changed nothing
 
+    # Writing to the rest of the library works and leaves the damaged concept as it is.
+    ConceptLibrary(lib).create("dave", kind="object", identifier="Dave")
+    ConceptLibrary(lib).save_embedding("alice", "another-model", torch.ones(4))
+    assert {k: v for k, v in snapshot(lib).items() if k.startswith(DAMAGED)} == {
+        k: v for k, v in before.items() if k.startswith(DAMAGED)
+    }
+    shutil.rmtree(lib / "dave")
+
     assert run(capsys, "concept", "remove", DAMAGED, *library)[0] == 0  # the way out
     assert run(capsys, "concept", "check", *library)[:2] == (0, "alice                ok\ncarol                ok\n")
 
