@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import myvlm.library
 from myvlm.cli import main
@@ -249,3 +251,43 @@ def test_a_reader_racing_a_writer_never_sees_damage(tmp_path):
         assert status.ok, status.error
         reads += 1
     assert exit_status == 0 and reads > 10
+
+
+@pytest.fixture(scope="module")
+def small_concept(tmp_path_factory) -> Path:
+    from myvlm.heads import FaceHead
+
+    library = ConceptLibrary(tmp_path_factory.mktemp("fuzz") / "lib")
+    library.create("Ann", kind="person", head=FaceHead(torch.ones(2, 128), threshold=0.5))
+    library.save_embedding("Ann", "m", torch.ones(16))
+    library.save_embedding("Ann", "n", torch.ones(8))
+    return library.root / "Ann"
+
+
+@settings(deadline=None, derandomize=True, database=None, max_examples=300, suppress_health_check=list(HealthCheck))
+@given(
+    filename=st.sampled_from([EMBEDDINGS, HEAD, MANIFEST]),
+    edits=st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.none() | st.integers(0, 4095),
+    checksums=st.booleans(),
+)
+def test_fuzz_a_mutated_file_damages_its_concept_and_nothing_else(small_concept, filename, edits, cut, checksums):
+    """Whatever the bytes, a scan reports a status and never raises; with checksums, changed tensors are damage."""
+    original = {name: (small_concept / name).read_bytes() for name in (EMBEDDINGS, HEAD, MANIFEST)}
+    try:
+        if not checksums:
+            manifest = json.loads(original[MANIFEST])
+            del manifest["files"]
+            (small_concept / MANIFEST).write_text(json.dumps(manifest))
+        data = bytearray((small_concept / filename).read_bytes())
+        for position, value in edits:
+            data[position % len(data)] = value
+        data = bytes(data[:cut])
+        (small_concept / filename).write_bytes(data)
+        [status] = ConceptLibrary(small_concept.parent).scan()
+        assert status.ok or status.error.startswith(str(small_concept)) or status.error.startswith("concept 'Ann'")
+        if checksums and filename != MANIFEST and data != original[filename]:
+            assert not status.ok
+    finally:
+        for name, content in original.items():
+            (small_concept / name).write_bytes(content)
