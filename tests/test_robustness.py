@@ -432,8 +432,10 @@ def test_corrupted_manifest_is_named_and_removable(lib, capsys, damage, message)
     library = concept_with_embedding(lib)
     manifest = Path(lib) / "Bobby" / MANIFEST
     manifest.write_bytes(damage(json.loads(manifest.read_text())))
-    line = cli_error(capsys, "concept", "list", "--library", lib)
-    assert f"{manifest}: " in line and message in line
+    assert main(["concept", "list", "--library", lib]) == 0  # the rest of the library stays usable (issue #30)
+    assert capsys.readouterr().err.startswith("myvlm: warning: skipping concept 'Bobby': ")
+    line = cli_error(capsys, "import", "x.pt", "--concept", "Bobby", "--model", "m", "--library", lib)
+    assert f"{manifest}: " in line and message in line  # naming the damaged concept is an error
     assert main(["concept", "remove", "Bobby", "--library", lib]) == 0  # the way out
     assert library.concepts() == []
 
@@ -449,29 +451,46 @@ def test_corrupted_manifest_is_named_and_removable(lib, capsys, damage, message)
     ],
     ids=["empty", "too-short", "bad-header", "vector-missing", "nan-vector"],
 )
-def test_corrupted_tensor_file(lib, damage, message):
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "earlier-version"])
+def test_corrupted_tensor_file(lib, damage, message, checksums):
     from safetensors.torch import save
 
     library = concept_with_embedding(lib)
+    if not checksums:
+        forget_checksums(Path(lib) / "Bobby")
     path = Path(lib) / "Bobby" / EMBEDDINGS
     if damage is None:
         damage = save({"other": torch.ones(8)})
     elif isinstance(damage, torch.Tensor):
         damage = save({"m": damage})
     path.write_bytes(damage)
-    with pytest.raises(MyVLMError, match=message):
+    with pytest.raises(MyVLMError, match=f"{path}: damaged" if checksums else message):
         library.load_embedding("Bobby", "m")
 
 
-def test_corrupted_head_tensors(lib):
+def forget_checksums(folder: Path) -> None:
+    """Make the concept look written by a myvlm before issue #30: no checksums in its manifest."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    del manifest["files"]
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "earlier-version"])
+def test_corrupted_head_tensors(lib, checksums):
     from myvlm.heads import FaceHead
 
     library = ConceptLibrary(lib)
     library.create("Ann", kind="person", head=FaceHead(torch.ones(1, 128), threshold=0.5))
+    if not checksums:
+        forget_checksums(Path(lib) / "Ann")
     from safetensors.torch import save
 
-    (Path(lib) / "Ann" / HEAD).write_bytes(save({"wrong": torch.ones(2)}))
-    with pytest.raises(MyVLMError, match=f"{Path(lib) / 'Ann' / HEAD}: corrupted concept head"):
+    path = Path(lib) / "Ann" / HEAD
+    path.write_bytes(save({"wrong": torch.ones(2)}))
+    with pytest.raises(MyVLMError, match=f"{path}: damaged" if checksums else f"{path}: corrupted concept head"):
+        library.load_head("Ann")
+    path.write_bytes(save({"descriptors": torch.ones(2, 128)}))  # loads, but holds 2 faces where 1 was enrolled
+    with pytest.raises(MyVLMError, match=f"{path}: damaged" if checksums else "faces 2, the manifest says 1"):
         library.load_head("Ann")
 
 
@@ -664,6 +683,7 @@ def test_killing_a_writer_at_random_points_leaves_the_library_loadable(tmp_path)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         library = ConceptLibrary(root)
+        assert [s.error for s in library.scan() if not s.ok] == []  # checksums match: the manifest commits a write
         for concept in library.concepts():
             for model_id in concept.embeddings:
                 vector = library.load_embedding(concept.name, model_id, 64)
@@ -775,6 +795,9 @@ def test_pickles_are_never_executed(tmp_path, lib, model_dir, capsys):
     library = concept_with_embedding(lib)
     marker = tmp_path / "pwned"
     (Path(lib) / "Bobby" / EMBEDDINGS).write_bytes(pickle.dumps({"m": Exploit(marker)}))
+    with pytest.raises(MyVLMError, match="embeddings.safetensors: damaged"):
+        library.load_embedding("Bobby", "m")
+    forget_checksums(Path(lib) / "Bobby")  # an earlier version's concept: the file is refused as not safetensors
     with pytest.raises(MyVLMError, match="corrupted tensor file"):
         library.load_embedding("Bobby", "m")
     checkpoint = tmp_path / "concept_embeddings_llava_captioning.pt"

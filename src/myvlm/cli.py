@@ -15,7 +15,20 @@ from myvlm.toynames import TOY_MODELS
 def _library(args):
     from myvlm.library import ConceptLibrary
 
-    return ConceptLibrary(args.library)
+    return ConceptLibrary(args.library, on_damage=lambda name, error: _warn_damaged(args, name, error))
+
+
+def _warn_damaged(args, name: str, error: str) -> None:
+    """One line per damaged concept that a command over the whole library skips, with the way out."""
+    import shlex
+
+    where = f" --library {shlex.quote(args.library)}" if args.library else ""
+    quoted = shlex.quote(name)
+    print(
+        f"myvlm: warning: skipping concept '{name}': {one_line(error)}; run 'myvlm concept check {quoted}{where}' "
+        f"or remove it with 'myvlm concept remove {quoted}{where}'",
+        file=sys.stderr,
+    )
 
 
 def _load_images(paths, *, skip_bad: bool):
@@ -76,10 +89,12 @@ def cmd_concept_add(args) -> None:
 
 
 def cmd_concept_list(args) -> None:
-    concepts = _library(args).concepts()
+    library = _library(args)
+    concepts = library.concepts()
     rows = [
         {
             "name": c.name,
+            "status": "ok",
             "identifier": c.identifier,
             "kind": c.kind,
             "class_word": c.class_word,
@@ -87,11 +102,12 @@ def cmd_concept_list(args) -> None:
         }
         for c in concepts
     ]
+    damaged = [{"name": name, "status": "damaged", "error": error} for name, error in library.damaged.items()]
     if args.json:
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        print(json.dumps(rows + damaged, indent=2, ensure_ascii=False))
         return
-    if not rows:
-        print(f"no concepts in {_library(args).root}")
+    if not rows and not damaged:
+        print(f"no concepts in {library.root}")
 
     def describe(model: str, concept) -> str:
         entry = concept.embedding(model)
@@ -105,6 +121,36 @@ def cmd_concept_list(args) -> None:
         print(
             f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} class={row['class_word']}  {models}"
         )
+    for row in damaged:
+        print(f"{row['name']:<20} DAMAGED {one_line(row['error'])}")
+
+
+def cmd_concept_check(args) -> int:
+    """Verify manifests, tensor checksums and shapes, and heads; exit 1 if any concept is damaged."""
+    library = _library(args)
+    statuses = [library.check(name) for name in args.name] if args.name else library.scan()
+    damaged = [s.name for s in statuses if not s.ok]
+    if args.json:
+        rows = [
+            {"name": s.name, "status": "ok" if s.ok else "damaged", "error": s.error, "unchecked": s.unchecked}
+            for s in statuses
+        ]
+        print(json.dumps(rows, indent=2, ensure_ascii=False))
+        return 1 if damaged else 0
+    if not statuses:
+        print(f"no concepts in {library.root}")
+    for status in statuses:
+        if not status.ok:
+            state = f"damaged: {one_line(status.error)}"
+        elif status.unchecked:
+            unchecked = " and ".join(status.unchecked)
+            state = f"ok (no checksum for {unchecked}: written by an earlier myvlm, damage inside may go unseen)"
+        else:
+            state = "ok"
+        print(f"{status.name:<20} {state}")
+    if damaged:
+        print(f"{len(damaged)} of {len(statuses)} concepts damaged: {', '.join(damaged)}")
+    return 1 if damaged else 0
 
 
 def cmd_concept_remove(args) -> None:
@@ -338,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     concept_list.add_argument("--json", action="store_true")
     concept_remove = with_library(add("remove", cmd_concept_remove, "remove a concept", concept_sub))
     concept_remove.add_argument("name")
+    concept_check = with_library(
+        add("check", cmd_concept_check, "verify concepts' files; exit 1 if any is damaged", concept_sub)
+    )
+    concept_check.add_argument("name", nargs="*", help="concepts to check (default: all)")
+    concept_check.add_argument("--json", action="store_true")
 
     detect = with_library(add("detect", cmd_detect, "find library concepts in photos"))
     detect.add_argument("images", nargs="+")
@@ -409,7 +460,7 @@ def one_line(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.handler(args)
+        code = args.handler(args)
     except MyVLMError as error:
         print(f"myvlm: error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -424,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -63,33 +64,38 @@ def write_json_atomic(path: Path, obj: dict) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def read_json(path: Path) -> dict:
+def read_bytes(path: Path) -> bytes:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
         raise MyVLMError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        raise MyVLMError(f"{path}: corrupted JSON ({error})") from None
     except OSError as error:
         raise MyVLMError(f"{path}: cannot read ({error.strerror or error})") from None
+
+
+def parse_json(path: Path, data: bytes) -> dict:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise MyVLMError(f"{path}: corrupted JSON ({error})") from None
     if not isinstance(obj, dict):
         raise MyVLMError(f"{path}: corrupted (expected a JSON object)")
     return obj
 
 
-def write_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    write_bytes_atomic(path, data)
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     """Only safetensors is ever read from a library: no pickle, whatever the file claims to be."""
     try:
-        return load_safetensors_bytes(path.read_bytes())
-    except FileNotFoundError:
-        raise MyVLMError(f"{path}: missing") from None
+        return load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as error:
         detail = (str(error).strip() or type(error).__name__).splitlines()[0][:200]
         raise MyVLMError(f"{path}: corrupted tensor file ({detail})") from None
-    except OSError as error:
-        raise MyVLMError(f"{path}: cannot read ({error.strerror or error})") from None
+
+
+def digest(data: bytes) -> dict:
+    """What a manifest records of a file it vouches for: its sha256 and size."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
