@@ -143,32 +143,37 @@ def prototype(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.mean(0), dim=0)
 
 
+def leave_one_out_scores(photo_regions: Sequence[torch.Tensor], photo_views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each photo's best region against the prototype of the other photos' views: how well an unseen photo of this
+    object matches its head."""
+    return torch.cat(
+        [
+            best_region_scores(
+                regions[None], prototype(torch.cat([v for other, v in enumerate(photo_views) if other != index]))
+            )
+            for index, regions in enumerate(photo_regions)
+        ]
+    )
+
+
 def calibrate_threshold(
-    photo_regions: list[torch.Tensor],
-    photo_views: list[torch.Tensor],
-    negative_scores: torch.Tensor,
+    held_out: torch.Tensor,
+    generic_scores: torch.Tensor,
     band: tuple[float, float],
+    std_factor: float = LOO_STD_FACTOR,
 ) -> tuple[float, dict[str, float]]:
-    """Cosine threshold from the concept's own photos: each photo's best region against the prototype of the other
-    photos' views (leave-one-out) shows how well an unseen photo of this object matches; the procedural negatives
-    (`negative_scores`) push it up. Real negatives come on top (`with_real_negatives`)."""
-    if len(photo_regions) >= 2:
-        held_out = torch.cat(
-            [
-                best_region_scores(
-                    regions[None], prototype(torch.cat([v for other, v in enumerate(photo_views) if other != index]))
-                )
-                for index, regions in enumerate(photo_regions)
-            ]
-        )
-        loo_rule = float(held_out.mean() - LOO_STD_FACTOR * held_out.std())
-        stats = {"loo_mean": float(held_out.mean()), "loo_min": float(held_out.min())}
+    """Cosine threshold from the leave-one-out scores of the concept's own photos (`leave_one_out_scores`): their
+    mean less `std_factor` standard deviations, within the encoder's band; the procedural negatives
+    (`generic_scores`) push it up. Real negatives come on top (`with_real_negatives`)."""
+    if len(held_out) >= 2:
+        loo_rule = float(held_out.mean() - std_factor * held_out.std())
+        stats = {"loo_mean": float(held_out.mean()), "loo_std": float(held_out.std()), "loo_min": float(held_out.min())}
     else:
         loo_rule = sum(band) / 2  # one photo gives no spread: use the middle of the encoder's band
         stats = {}
     threshold = min(max(loo_rule, band[0]), band[1])
-    if len(negative_scores):
-        stats["highest_generic_negative"] = float(negative_scores.max())
+    if len(generic_scores):
+        stats["highest_generic_negative"] = float(generic_scores.max())
         threshold = max(threshold, stats["highest_generic_negative"] + NEGATIVE_MARGIN)
     stats["base_threshold"] = threshold
     return threshold, stats
@@ -246,7 +251,8 @@ class ObjectHead:
         direction = prototype(torch.cat(photo_views))
         generic = best_region_scores(generic_negative_features(image_encoder), direction)
         band = getattr(image_encoder, "similarity_band", DEFAULT_BAND)
-        cosine_threshold, stats = calibrate_threshold(list(photo_regions), photo_views, generic, band)
+        held_out = leave_one_out_scores(photo_regions, photo_views) if len(positives) > 1 else torch.empty(0)
+        cosine_threshold, stats = calibrate_threshold(held_out, generic, band)
         stats.update(cosine_threshold=cosine_threshold, positives=len(positives), negatives=len(negatives or []))
         head = cls(
             TEMPERATURE * direction,
