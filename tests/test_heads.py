@@ -20,7 +20,13 @@ from myvlm.heads import (
     head_from_state,
     register_encoder,
 )
-from myvlm.heads.objects import augmented_views, calibrate_threshold, generic_negative_images
+from myvlm.heads.objects import (
+    augmented_views,
+    calibrate_threshold,
+    generic_negative_images,
+    leave_one_out_scores,
+    with_real_negatives,
+)
 
 
 class ColourEncoder:
@@ -83,21 +89,21 @@ def test_detector_runs_encoder_once_and_orders_by_score(colour_encoder):
 
 
 def test_calibration_uses_the_band_and_negatives():
-    views = [torch.nn.functional.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), dim=-1)]
-    threshold, _ = calibrate_threshold([views[0][:1]], views, torch.tensor([]), (0.7, 0.8))
+    threshold, _ = calibrate_threshold(torch.tensor([]), torch.tensor([]), (0.7, 0.8))
     assert threshold == pytest.approx(0.75)  # one photo: middle of the band
-    threshold, stats = calibrate_threshold([views[0][:1]], views, torch.tensor([0.9]), (0.7, 0.8))
-    assert threshold == pytest.approx(0.92) and stats["highest_negative"] == pytest.approx(0.9)
+    threshold, stats = calibrate_threshold(torch.tensor([]), torch.tensor([0.9]), (0.7, 0.8))
+    assert threshold == pytest.approx(0.92) and stats["highest_generic_negative"] == pytest.approx(0.9)
+    assert with_real_negatives(stats, 0.95) == pytest.approx(0.97) and with_real_negatives(stats, 0.5) == threshold
 
 
 def test_leave_one_out_scores_each_photo_by_its_best_region():
     axes = torch.eye(3)
     views = [axes[:1], axes[:1], axes[:1]]
     whole_only = [axes[1:2]] * 3  # held-out photos that do not match the others' prototype at all
-    threshold, stats = calibrate_threshold(whole_only, views, torch.tensor([]), (0.0, 1.0))
+    threshold, stats = calibrate_threshold(leave_one_out_scores(whole_only, views), torch.tensor([]), (0.0, 1.0))
     assert stats["loo_mean"] == pytest.approx(0.0)
     with_region = [torch.stack([axes[1], axes[0]])] * 3  # ...until one of their regions shows the object
-    threshold, stats = calibrate_threshold(with_region, views, torch.tensor([]), (0.0, 1.0))
+    threshold, stats = calibrate_threshold(leave_one_out_scores(with_region, views), torch.tensor([]), (0.0, 1.0))
     assert stats["loo_mean"] == pytest.approx(1.0) and threshold == pytest.approx(1.0)
 
 

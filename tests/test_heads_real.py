@@ -10,6 +10,7 @@ from PIL import Image
 
 from myvlm.errors import MyVLMError
 from myvlm.heads import ConceptDetector, FaceHead, ObjectHead, embed_regions, get_encoder, head_from_state
+from myvlm.heads.objects import calibrate_together
 from myvlm.images import collect_images, load_image
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -85,3 +86,35 @@ def test_mixed_detector_and_saved_heads_agree(people, backpack):
     original, reloaded = ConceptDetector(heads), ConceptDetector(restored)
     assert [[d.concept for d in found] for found in original.detect(images)] == [["my backpack"], ["bobby"]]
     assert original.detect(images) == reloaded.detect(images)
+
+
+def test_enrolment_refuses_two_people_and_says_which_face_of_a_group_photo_it_took():
+    mixed = photos("faces", "person_a")[:2] + photos("faces", "person_b")[:2]
+    with pytest.raises(MyVLMError, match=r"2 different people \(img1.jpg \+ img10.jpg; img26.jpg \+ img27.jpg\)"):
+        FaceHead.enroll([load_image(p) for p in mixed], sources=[p.name for p in mixed])
+    group = DATA / "faces" / "group" / "couple.jpg"
+    enrolment = photos("faces", "person_a")[:2] + [group]
+    head = FaceHead.enroll([load_image(p) for p in enrolment], sources=[p.name for p in enrolment])
+    # the woman (left) is person_a: chosen because she matches the other photos, though both faces are as large
+    assert len(head.notes) == 1 and head.notes[0].startswith("couple.jpg: 2 faces; enrolled face 1 from the left")
+    assert 0.4 <= head.threshold <= 0.5  # the person's own threshold: bounded by their enrolment spread and the cap
+
+
+def test_object_detections_give_the_best_regions_box_in_pixels(backpack):
+    photo = load_image(photos("dreambooth", "backpack")[-1])
+    (detection,) = ConceptDetector({"backpack": backpack}).detect([photo])[0]
+    left, top, right, bottom = detection.box
+    assert 0 <= left < right <= photo.width and 0 <= top < bottom <= photo.height
+    assert (right - left) >= photo.width * 5 / 7 - 1e-3  # the whole photo or a 5x5-cell window of the 7x7 map
+
+
+def test_few_object_photos_warn_and_same_kind_concepts_calibrate_each_other(backpack):
+    few = ObjectHead.train([load_image(p) for p in photos("dreambooth", "backpack_dog")[:2]])
+    assert len(few.notes) == 1 and few.notes[0].startswith("only 2 photos")
+    restored = head_from_state(backpack.config(), backpack.state_dict())
+    before = float(restored.bias)
+    assert calibrate_together("backpack_dog", few, {"backpack": restored}) == ["backpack"]
+    assert restored.rivals == ["backpack_dog"] and few.rivals == ["backpack"]
+    assert float(restored.bias) <= before  # thresholds only go up (bias = -TEMPERATURE * cosine threshold)
+    cosines = few.photos.float() @ restored.weight / restored.weight.norm()
+    assert cosines.amax(1).max() < restored.calibration["cosine_threshold"]  # the rival's photos are below it

@@ -68,6 +68,7 @@ def _write_json(path: str, obj: dict | list) -> None:
 # --- concept management ---------------------------------------------------------------------------------------------
 def cmd_concept_add(args) -> None:
     from myvlm.heads import FaceHead, ObjectHead
+    from myvlm.heads.objects import calibrate_together
     from myvlm.library import check_name
 
     library = _library(args)
@@ -82,7 +83,18 @@ def cmd_concept_add(args) -> None:
 
         negatives = _load_images(args.negatives, skip_bad=True)[0] if args.negatives else None
         head = ObjectHead.train(images, negatives, encoder=resolve_encoder(args.encoder))
+        kin = {  # concepts sharing the class word are each other's negatives
+            c.name: library.load_head(c.name)
+            for c in library.concepts()
+            if args.class_word and c.kind == "object" and c.class_word == args.class_word and c.head
+        }
+        recalibrated = calibrate_together(name, head, {n: h for n, h in kin.items() if isinstance(h, ObjectHead)})
+    for note in head.notes:
+        print(f"myvlm: warning: {note}", file=sys.stderr)
     concept = library.create(name, kind=args.kind, identifier=args.identifier, class_word=args.class_word, head=head)
+    for other in recalibrated if args.kind == "object" else []:
+        library.save_head(other, kin[other])
+        print(f"re-calibrated '{other}' and '{name}' against each other's photos (both are a {args.class_word})")
     print(
         f"added {concept.kind} concept '{concept.name}' (identifier '{concept.identifier}') from {len(images)} photos"
     )

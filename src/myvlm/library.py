@@ -483,6 +483,14 @@ class ConceptLibrary:
         write_bytes_atomic(folder / filename, data)
         concept.files[filename] = digest(data)
 
+    def save_head(self, name: str, head) -> None:
+        """Replace a concept's head (e.g. re-calibrated against a new concept of the same class word)."""
+        with self._locked():
+            concept, data = self._read(name, (HEAD,))
+            self._replace(concept, HEAD, tensor_bytes(head.state_dict()), data.get(HEAD))
+            concept.head = head.config()
+            write_json_atomic(self._folder(name) / MANIFEST, concept.manifest())
+
     def save_embedding(
         self, name: str, model_id: str, vector: torch.Tensor, entry: EmbeddingEntry | None = None, **info
     ) -> None:

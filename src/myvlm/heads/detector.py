@@ -13,7 +13,6 @@ from myvlm.errors import MyVLMError
 from myvlm.heads.encoders import ImageEncoder, embed_regions, get_encoder
 from myvlm.heads.faces import FaceHead, get_face_backend
 from myvlm.heads.objects import ObjectHead
-from myvlm.heads.regions import best_region_scores
 
 Box = tuple[float, float, float, float]
 NO_FACE_SCORE = float("-inf")
@@ -22,7 +21,8 @@ NO_FACE_SCORE = float("-inf")
 @dataclass(frozen=True)
 class Detection:
     """A concept that fired. `score`: object heads give the calibrated probability (fires at >= threshold, 0.5 by
-    default); person heads give 1 - face distance (fires when the distance is under the threshold)."""
+    default); person heads give 1 - face distance (fires when the distance is under the threshold). `box`: the face,
+    or the object's best-scoring region, in pixels of the photo (left, top, right, bottom)."""
 
     concept: str
     score: float
@@ -57,12 +57,17 @@ class ConceptDetector:
                 torch.stack([heads[name].bias for name in names]).reshape(-1),
                 torch.tensor([heads[name].threshold for name in names]),
             )
+        self.rivals = {
+            name: set(getattr(head, "rivals", ())) for name, head in heads.items() if isinstance(head, ObjectHead)
+        }
         self.person_groups: dict[str, list[str]] = {}
         for name, head in self.face_heads.items():
             self.person_groups.setdefault(head.backend_name, []).append(name)
 
-    def _object_probabilities(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        probabilities = {}
+    def _object_logits(self, images: Sequence[Image.Image]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per object concept: [N, R] logits of every region of every photo, and [R, 4] region boxes as fractions of
+        the photo (None when the encoder does not say where its regions are)."""
+        logits = {}
         for encoder_name, (names, weights, biases, _) in self.object_groups.items():
             encoder = self.encoders.get(encoder_name) or get_encoder(encoder_name)
             features = embed_regions(encoder, images)
@@ -71,10 +76,17 @@ class ConceptDetector:
                     f"encoder {encoder_name!r} gives {features.shape[-1]}-d features but {', '.join(names)} "
                     f"expect {weights.shape[1]}-d: retrain those concepts with this encoder"
                 )
-            logits = best_region_scores(features, weights.T) + biases
-            for name, column in zip(names, torch.sigmoid(logits).T, strict=True):
-                probabilities[name] = column
-        return probabilities
+            region_boxes = getattr(encoder, "region_boxes", None)
+            boxes = region_boxes() if region_boxes is not None else None
+            if boxes is None and features.shape[1] == 1:
+                boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+            per_region = features @ weights.T + biases  # [N, R, H]
+            for index, name in enumerate(names):
+                logits[name] = (per_region[..., index], boxes)
+        return logits
+
+    def _object_probabilities(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
+        return {name: torch.sigmoid(logits.amax(1)) for name, (logits, _) in self._object_logits(images).items()}
 
     def _face_distances(self, image: Image.Image) -> list[tuple[Box, dict[str, float]]]:
         """Per face found: its box and its distance to each person concept (nearest enrolled face)."""
@@ -107,21 +119,45 @@ class ConceptDetector:
             results.append(row)
         return results
 
-    def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]:
-        """Fired concepts per image, by score (descending) then name; a face names at most its nearest person."""
-        probabilities = self._object_probabilities(images)
+    def _fired_objects(self, images: Sequence[Image.Image]) -> list[dict[str, Detection]]:
+        """Object concepts that fired per image, each with its best region's box in pixels. Of two rival concepts
+        (calibrated against each other, e.g. two dogs) firing on one photo, one is dropped when the other scores its
+        best region higher: that region is the closer concept's."""
         thresholds = {
             name: float(threshold)
             for names, _, _, group_thresholds in self.object_groups.values()
             for name, threshold in zip(names, group_thresholds, strict=True)
         }
+        logits = self._object_logits(images)
         results = []
         for index, image in enumerate(images):
-            fired: dict[str, Detection] = {
-                name: Detection(name, float(column[index]), None)
-                for name, column in probabilities.items()
-                if column[index] >= thresholds[name]
+            fired = {}
+            for name, (scores, boxes) in logits.items():
+                best = int(scores[index].argmax())
+                probability = float(torch.sigmoid(scores[index, best]))
+                if probability < thresholds[name]:
+                    continue
+                box = None
+                if boxes is not None:
+                    left, top, right, bottom = boxes[best].tolist()
+                    box = (left * image.width, top * image.height, right * image.width, bottom * image.height)
+                fired[name] = (best, Detection(name, probability, box))
+            closer = {
+                name
+                for name, (best, _) in fired.items()
+                for other in fired
+                if other != name
+                and (other in self.rivals.get(name, ()) or name in self.rivals.get(other, ()))
+                and logits[other][0][index, best] > logits[name][0][index, best]
             }
+            results.append({name: detection for name, (_, detection) in fired.items() if name not in closer})
+        return results
+
+    def detect(self, images: Sequence[Image.Image]) -> list[list[Detection]]:
+        """Fired concepts per image, by score (descending) then name; a face names at most its nearest person."""
+        objects = self._fired_objects(images) if self.object_groups else [{} for _ in images]
+        results = []
+        for image, fired in zip(images, objects, strict=True):
             for box, distances in self._face_distances(image) if self.face_heads else []:
                 nearest = min(distances, key=lambda name: (distances[name], name))
                 distance = distances[nearest]

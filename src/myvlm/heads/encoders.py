@@ -94,6 +94,7 @@ class EfficientNetLite0Encoder:
     size = 224
     batch_size = 32
     gem_power = 3.0
+    model_cells = 7  # the feature map is 7x7 at 224 px
     region_cells = 5
     # cosine to a concept prototype: photos of the same object rarely score below 0.72, other objects rarely above 0.8
     similarity_band = (0.72, 0.80)
@@ -134,6 +135,15 @@ class EfficientNetLite0Encoder:
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.embed_regions(images)[:, 0]
+
+    def region_boxes(self) -> torch.Tensor:
+        """[R, 4] (left, top, right, bottom) of each region as fractions of the photo's width and height, in the
+        order of `embed_regions` (the photo is squashed, so a window of the map is the same part of any photo)."""
+        cells = self.model_cells
+        starts = torch.arange(cells - self.region_cells + 1, dtype=torch.float32)
+        top, left = torch.meshgrid(starts, starts, indexing="ij")
+        windows = torch.stack([left, top, left + self.region_cells, top + self.region_cells], -1).reshape(-1, 4)
+        return torch.cat([torch.tensor([[0.0, 0.0, 1.0, 1.0]]), windows / cells])
 
 
 register_encoder(EfficientNetLite0Encoder.name, EfficientNetLite0Encoder)

@@ -43,13 +43,15 @@ class FaceBackend(Protocol):
 class DlibFaceBackend:
     """Offline default: dlib HOG detector, 5-point alignment and the 128-d ResNet descriptor (Euclidean distance).
 
-    0.5 is the default threshold: on our benchmark photos same-person distances stay under 0.45 and different people
-    sit above 0.55 (dlib's own 0.6 suggestion is tuned for recall on LFW, we prefer never naming a stranger).
+    `distance_threshold` is the most a person's threshold may be (each person's own is usually lower, see
+    `FaceHead.enroll`): dlib's own 0.6 is tuned for recall on LFW, and we prefer a miss to naming a stranger.
+    `same_person_distance` (dlib's 0.6) only checks that enrolment photos show one person.
     """
 
     name = "dlib"
     dim = 128
     distance_threshold = 0.5
+    same_person_distance = 0.6
     upsample_below = 1600  # upsample smaller photos once so the faces in group photos (~40 px) are found
 
     def __init__(self):
@@ -94,6 +96,7 @@ class InsightFaceBackend:
     name = "insightface"
     dim = 512
     distance_threshold = 0.65
+    same_person_distance = 0.72  # cosine similarity 0.28, not measured here
 
     def __init__(self, model_name: str = "buffalo_l"):
         try:
@@ -134,12 +137,48 @@ def get_face_backend(name: str = DEFAULT_FACE_BACKEND) -> FaceBackend:
         return _BACKEND_CACHE[name]
 
 
+# A person's threshold is at most this times the mean distance between their own enrolment faces: a new photo of
+# someone whose enrolment faces lie close together lands close to them too, so a stranger need not be let in as far
+# as the backend's cap (chosen by cross-validation across identities, benchmarks/RESULTS.md).
+SPREAD_FACTOR = 1.4
+# ... but never under this fraction of the cap: near-duplicate enrolment photos say nothing about the next photo.
+MIN_THRESHOLD_FRACTION = 0.8
+
+
 def _photo_name(sources: Sequence[str] | None, index: int) -> str:
     return str(sources[index]) if sources is not None else f"photo #{index + 1}"
 
 
+def _components(distances: torch.Tensor, limit: float) -> list[list[int]]:
+    """Groups of faces linked by chains of distances under `limit` (one group: one person)."""
+    groups: list[list[int]] = []
+    unseen = set(range(len(distances)))
+    while unseen:
+        stack, group = [min(unseen)], []
+        unseen.discard(stack[0])
+        while stack:
+            index = stack.pop()
+            group.append(index)
+            linked = [other for other in unseen if distances[index, other] < limit]
+            unseen.difference_update(linked)
+            stack += linked
+        groups.append(sorted(group))
+    return groups
+
+
+def person_threshold(descriptors: torch.Tensor, backend: FaceBackend) -> float:
+    """The backend's cap, or less when the person's own enrolment faces lie closer together than it implies."""
+    if len(descriptors) < 2:
+        return float(backend.distance_threshold)
+    pairwise = backend.distances(descriptors, descriptors)
+    spread = float(pairwise[~torch.eye(len(descriptors), dtype=torch.bool)].mean())
+    cap = float(backend.distance_threshold)
+    return min(cap, max(MIN_THRESHOLD_FRACTION * cap, SPREAD_FACTOR * spread))
+
+
 class FaceHead:
-    """A person concept: the main face of each enrolment photo; it fires when a face is close to one of them."""
+    """A person concept: the main face of each enrolment photo; it fires when a face is closer to one of them than
+    the person's own threshold (`person_threshold`)."""
 
     kind = "person"
 
@@ -149,6 +188,7 @@ class FaceHead:
         self.descriptors = descriptors.float()
         self.backend_name = backend
         self.threshold = float(threshold if threshold is not None else get_face_backend(backend).distance_threshold)
+        self.notes: list[str] = []  # what enrolment chose on the user's behalf (one line each, for the CLI to show)
 
     @property
     def backend(self) -> FaceBackend:
@@ -162,17 +202,46 @@ class FaceHead:
         backend: str = DEFAULT_FACE_BACKEND,
         threshold: float | None = None,
     ) -> FaceHead:
-        """Keep the largest face of each photo; `sources` (file names) make the no-face error point at the photo."""
+        """One face per photo: the only face, or in a photo with several the one closest to the other photos' faces
+        (the largest when no photo has a single face). Refuses photos that show different people; `sources` (file
+        names) make errors and notes point at the photo."""
         if not images:
             raise MyVLMError("no photos given to enrol this person")
         face_backend = get_face_backend(backend)
-        descriptors = []
+        found = []
         for index, image in enumerate(images):
             faces = face_backend.faces(image)
             if not faces:
                 raise MyVLMError(f"{_photo_name(sources, index)}: no face found; use a clear, frontal photo")
-            descriptors.append(max(faces, key=lambda face: face.area).descriptor)
-        return cls(torch.stack(descriptors), backend, threshold)
+            found.append(faces)
+        anchors = [faces[0].descriptor for faces in found if len(faces) == 1]
+        chosen, notes = [], []
+        for index, faces in enumerate(found):
+            if len(faces) == 1:
+                chosen.append(faces[0])
+                continue
+            if anchors:
+                nearest = face_backend.distances(torch.stack([face.descriptor for face in faces]), torch.stack(anchors))
+                face, why = faces[int(nearest.min(1).values.argmin())], "closest to the faces of the other photos"
+            else:
+                face, why = max(faces, key=lambda face: face.area), "the largest"
+            chosen.append(face)
+            order = sorted(faces, key=lambda other: other.box[0]).index(face) + 1
+            box = ", ".join(str(round(v)) for v in face.box)
+            notes.append(
+                f"{_photo_name(sources, index)}: {len(faces)} faces; enrolled face {order} from the left "
+                f"(box {box}), {why}"
+            )
+        descriptors = torch.stack([face.descriptor for face in chosen])
+        groups = _components(face_backend.distances(descriptors, descriptors), face_backend.same_person_distance)
+        if len(groups) > 1:
+            described = "; ".join(" + ".join(_photo_name(sources, index) for index in group) for group in groups)
+            raise MyVLMError(f"these photos show {len(groups)} different people ({described}); enrol each one apart")
+        head = cls(
+            descriptors, backend, threshold if threshold is not None else person_threshold(descriptors, face_backend)
+        )
+        head.notes = notes
+        return head
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"descriptors": self.descriptors.contiguous()}

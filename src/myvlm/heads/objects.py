@@ -34,6 +34,7 @@ LOO_STD_FACTOR = 2.0  # accept new photos down to 2 standard deviations below ho
 NEGATIVE_MARGIN = 0.02  # stay this far above the best-scoring negative
 TEMPERATURE = 20.0  # logit = TEMPERATURE * (cosine - threshold): p = 0.5 at the threshold, 0.27/0.73 at ±0.05
 GENERIC_NEGATIVES = 16
+MIN_PHOTOS = 3  # fewer photos give no spread to calibrate the threshold on: the head is trained with a warning
 DEFAULT_BAND = (0.0, 1.0)
 
 
@@ -142,33 +143,46 @@ def prototype(features: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(features.mean(0), dim=0)
 
 
+def leave_one_out_scores(photo_regions: Sequence[torch.Tensor], photo_views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each photo's best region against the prototype of the other photos' views: how well an unseen photo of this
+    object matches its head."""
+    return torch.cat(
+        [
+            best_region_scores(
+                regions[None], prototype(torch.cat([v for other, v in enumerate(photo_views) if other != index]))
+            )
+            for index, regions in enumerate(photo_regions)
+        ]
+    )
+
+
 def calibrate_threshold(
-    photo_regions: list[torch.Tensor],
-    photo_views: list[torch.Tensor],
-    negative_scores: torch.Tensor,
+    held_out: torch.Tensor,
+    generic_scores: torch.Tensor,
     band: tuple[float, float],
+    std_factor: float = LOO_STD_FACTOR,
 ) -> tuple[float, dict[str, float]]:
-    """Cosine threshold from the concept's own photos: each photo's best region against the prototype of the other
-    photos' views (leave-one-out) shows how well an unseen photo of this object matches; negatives push it up."""
-    if len(photo_regions) >= 2:
-        held_out = torch.cat(
-            [
-                best_region_scores(
-                    regions[None], prototype(torch.cat([v for other, v in enumerate(photo_views) if other != index]))
-                )
-                for index, regions in enumerate(photo_regions)
-            ]
-        )
-        loo_rule = float(held_out.mean() - LOO_STD_FACTOR * held_out.std())
-        stats = {"loo_mean": float(held_out.mean()), "loo_min": float(held_out.min())}
+    """Cosine threshold from the leave-one-out scores of the concept's own photos (`leave_one_out_scores`): their
+    mean less `std_factor` standard deviations, within the encoder's band; the procedural negatives
+    (`generic_scores`) push it up. Real negatives come on top (`with_real_negatives`)."""
+    if len(held_out) >= 2:
+        loo_rule = float(held_out.mean() - std_factor * held_out.std())
+        stats = {"loo_mean": float(held_out.mean()), "loo_std": float(held_out.std()), "loo_min": float(held_out.min())}
     else:
         loo_rule = sum(band) / 2  # one photo gives no spread: use the middle of the encoder's band
         stats = {}
     threshold = min(max(loo_rule, band[0]), band[1])
-    if len(negative_scores):
-        stats["highest_negative"] = float(negative_scores.max())
-        threshold = max(threshold, stats["highest_negative"] + NEGATIVE_MARGIN)
+    if len(generic_scores):
+        stats["highest_generic_negative"] = float(generic_scores.max())
+        threshold = max(threshold, stats["highest_generic_negative"] + NEGATIVE_MARGIN)
+    stats["base_threshold"] = threshold
     return threshold, stats
+
+
+def with_real_negatives(stats: dict[str, float], highest_negative: float) -> float:
+    """The cosine threshold once real photos without the concept are known (the user's negatives, the photos of
+    concepts sharing its class word): above the best-scoring one by a margin."""
+    return max(stats["base_threshold"], highest_negative + NEGATIVE_MARGIN)
 
 
 class ObjectHead:
@@ -177,7 +191,8 @@ class ObjectHead:
 
     weight = TEMPERATURE * prototype and bias = -TEMPERATURE * cosine threshold, so all object heads sharing an
     encoder are scored by one matrix product over every region of every photo and `threshold` stays a probability
-    users can tune.
+    users can tune. `photos` keeps the region features of the enrolment photos, so that a later concept of the same
+    kind can be calibrated against them (`recalibrate`); `rivals` names the concepts it was calibrated against.
     """
 
     kind = "object"
@@ -189,12 +204,17 @@ class ObjectHead:
         encoder_name: str = DEFAULT_ENCODER,
         threshold: float = 0.5,
         calibration: dict[str, float] | None = None,
+        photos: torch.Tensor | None = None,
+        rivals: Sequence[str] = (),
     ):
         self.weight = weight.float().reshape(-1)
         self.bias = bias.float().reshape(1)
         self.encoder_name = encoder_name
         self.threshold = float(threshold)
         self.calibration = dict(calibration or {})
+        self.photos = photos
+        self.rivals = sorted(set(rivals))
+        self.notes: list[str] = []  # what the user should know about this head (one line each, for the CLI to show)
 
     @classmethod
     def train(
@@ -211,22 +231,40 @@ class ObjectHead:
         image_encoder = get_encoder(encoder) if isinstance(encoder, str) else encoder
         rng = random.Random(seed)
         if getattr(image_encoder, "trained_probe", False):
-            return cls._train_region_probe(positives, negatives, image_encoder, rng, seed)
-        photo_regions = list(embed_regions(image_encoder, list(positives)))
+            head = cls._train_region_probe(positives, negatives, image_encoder, rng, seed)
+        else:
+            head = cls._train_prototype(positives, negatives, image_encoder, rng)
+        if len(positives) < MIN_PHOTOS:
+            head.notes.append(
+                f"only {len(positives)} photo{'s' * (len(positives) > 1)}: with fewer than {MIN_PHOTOS} the threshold "
+                "cannot be calibrated on the object's own photos; add more for reliable detection"
+            )
+        return head
+
+    @classmethod
+    def _train_prototype(cls, positives, negatives, image_encoder, rng: random.Random) -> ObjectHead:
+        photo_regions = embed_regions(image_encoder, list(positives))
         photo_views = [
             torch.cat([regions[:1], image_encoder.embed(augmented_views(image, rng))])
             for image, regions in zip(positives, photo_regions, strict=True)
         ]
         direction = prototype(torch.cat(photo_views))
-        negative_scores = [best_region_scores(generic_negative_features(image_encoder), direction)]
-        if negatives:
-            negative_scores.append(best_region_scores(embed_regions(image_encoder, list(negatives)), direction))
+        generic = best_region_scores(generic_negative_features(image_encoder), direction)
         band = getattr(image_encoder, "similarity_band", DEFAULT_BAND)
-        cosine_threshold, stats = calibrate_threshold(photo_regions, photo_views, torch.cat(negative_scores), band)
+        held_out = leave_one_out_scores(photo_regions, photo_views) if len(positives) > 1 else torch.empty(0)
+        cosine_threshold, stats = calibrate_threshold(held_out, generic, band)
         stats.update(cosine_threshold=cosine_threshold, positives=len(positives), negatives=len(negatives or []))
-        return cls(
-            TEMPERATURE * direction, torch.tensor([-TEMPERATURE * cosine_threshold]), image_encoder.name, 0.5, stats
+        head = cls(
+            TEMPERATURE * direction,
+            torch.tensor([-TEMPERATURE * cosine_threshold]),
+            image_encoder.name,
+            0.5,
+            stats,
+            photos=photo_regions,
         )
+        if negatives:
+            head.recalibrate(embed_regions(image_encoder, list(negatives)))
+        return head
 
     @classmethod
     def _train_region_probe(cls, positives, negatives, image_encoder, rng: random.Random, seed: int) -> ObjectHead:
@@ -242,12 +280,27 @@ class ObjectHead:
         stats.update(positives=len(positives), negatives=len(negatives or []), method="region probe")
         return cls(weight, bias, image_encoder.name, 0.5, stats)
 
+    def recalibrate(self, negative_regions: torch.Tensor, rivals: Sequence[str] = ()) -> None:
+        """Raise the threshold above [N, R, D] region features of photos without the concept (the user's negatives,
+        or the photos of `rivals`, concepts of the same kind); earlier negatives keep counting."""
+        if "base_threshold" not in self.calibration or not len(negative_regions):
+            return
+        scores = best_region_scores(negative_regions.float(), self.weight / TEMPERATURE)
+        highest = max(float(scores.max()), self.calibration.get("highest_negative", -1.0))
+        cosine_threshold = with_real_negatives(self.calibration, highest)
+        self.calibration.update(highest_negative=highest, cosine_threshold=cosine_threshold)
+        self.bias = torch.tensor([-TEMPERATURE * cosine_threshold])
+        self.rivals = sorted(set(self.rivals) | set(rivals))
+
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """From [N, D] photo embeddings or [N, R, D] region embeddings (`embed_regions`, the best region counts)."""
         return torch.sigmoid(best_region_scores(features, self.weight) + self.bias)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
+        tensors = {"weight": self.weight.contiguous(), "bias": self.bias.contiguous()}
+        if self.photos is not None:
+            tensors["photos"] = self.photos.float().contiguous()
+        return tensors
 
     def config(self) -> dict:
         return {
@@ -257,9 +310,32 @@ class ObjectHead:
             "threshold": self.threshold,
             "dim": int(self.weight.shape[0]),
             "calibration": self.calibration,
+            "rivals": self.rivals,
         }
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor]) -> ObjectHead:
         calibration = config.get("calibration")
-        return cls(tensors["weight"], tensors["bias"], config["encoder"], config["threshold"], calibration)
+        return cls(
+            tensors["weight"],
+            tensors["bias"],
+            config["encoder"],
+            config["threshold"],
+            calibration,
+            photos=tensors.get("photos"),
+            rivals=config.get("rivals", ()),
+        )
+
+
+def calibrate_together(name: str, head: ObjectHead, others: dict[str, ObjectHead]) -> list[str]:
+    """Concepts of one kind (sharing a class word) are each other's hardest negatives: calibrate the new head
+    against the other concepts' enrolment photos and each of them against the new one's. Returns the names of the
+    other heads that changed (to be saved); heads of another encoder or without stored photos are left alone."""
+    changed = []
+    for other_name, other in others.items():
+        if other.encoder_name != head.encoder_name or other.photos is None or head.photos is None:
+            continue
+        head.recalibrate(other.photos, rivals=[other_name])
+        other.recalibrate(head.photos, rivals=[name])
+        changed.append(other_name)
+    return changed
