@@ -56,7 +56,12 @@ def run(model: str) -> dict:
     present = [(first,), (first,), (second,), (second,)]
     together_examples = myvlm.caption_examples([[e.caption] for e in data[0].train[:2] + data[1].train[:2]])
     result = myvlm.learn_together(
-        vlm, [first, second], together_images, together_examples, present, myvlm.TrainingConfig(steps=6),
+        vlm,
+        [first, second],
+        together_images,
+        together_examples,
+        present,
+        myvlm.TrainingConfig(steps=6),
         progress=False,
     )
     out["together"] = {"sha256": digest(result.vector), "vector": result.vector.tolist(), "losses": result.losses}
