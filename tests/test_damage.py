@@ -33,12 +33,13 @@ MODEL = "toy-llava"
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> tuple[Path, Path]:
     """(library, photo folder), built once: heads that always fire, random embeddings for toy-llava."""
-    from myvlm.heads import ObjectHead, get_encoder
+    from myvlm.heads import ObjectHead
     from myvlm.model import load
 
     root = tmp_path_factory.mktemp("damage")
     library = ConceptLibrary(root / "lib")
-    width, dim = load(MODEL).concept_width, get_encoder(HEAD_ENCODER).dim
+    vlm = load(MODEL)
+    width, dim = vlm.concept_width, vlm.vision_encoder.dim
     generator = torch.Generator().manual_seed(0)
     for name in NAMES:
         head = ObjectHead(torch.zeros(dim), torch.full((1,), 10.0), HEAD_ENCODER)  # p = sigmoid(10) on any photo
