@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parent
 OBJECT_SHOTS = 4
 FACE_SHOTS = 3
 FOLDS = 4  # rotations of the training photos per subject / identity
-FIT_MARGIN = 0.02  # a rule is fitted on F1 with every score this far on the right side of its threshold
+FIT_MARGIN = 0.02  # a rule is fitted with every score this far on the right side of its threshold
+FIT_BETA = 0.5  # ... on F-beta with beta 0.5: precision counts more than recall (a false accept is worse than a miss)
 GROUPS = {
     "dogs and the cat": {"dog", "dog2", "dog3", "dog6", "dog7", "cat"},
     "plush toys": {"bear_plushie", "grey_sloth_plushie"},
@@ -106,6 +107,30 @@ photos (a per-head oracle threshold gives F1 1.00): what errors remain are calib
 and backpack's most unusual photos) and between the two plush toys (bear_plushie vs grey_sloth_plushie). With the
 same rule, random draws of 22 views per photo moved fold-0 F1 between 0.94 and 0.98 (photos at the band's edges,
 one at 0.79998 for a 0.80 threshold); 44 views gave 0.98 / 0.97 on all three draws measured."""
+
+
+# What the protocol changed and what is still open (2026-12-02). Kept here so a rerun keeps it with the tables.
+PROTOCOL_NOTES = """Issue #28: on 10 object subjects and 7 identities this project never had, the previous heads scored
+object
+F1 0.815 (11 TP, 4 FP, 1 miss) and 1 false accept on faces, against 0.97-0.98 here: their rules had been chosen on
+the photos that measured them. Now every rule is fitted on half the subjects (identities) and measured on the other
+half. Objects: the rule (leave-one-out std factor, band) is fitted on F-beta 0.5 (a false accept counts more than a
+miss) with every score 0.02 on the right side of its threshold, ties to the higher thresholds; fitted on all 20
+subjects it is std factor 1.5, band [0.70, 0.80] (previously 2.0, [0.72, 0.80], chosen on all subjects by hand), and
+that is the default. Faces: each person's threshold is min(0.5, max(0.40, 1.4 x the mean distance between their own
+enrolment faces)); 1.4 is the factor fitted on all 6 identities (the smallest keeping identification >= 0.99 with a
+0.02 margin), the folds fitted on halves pick 1.2 or 1.4. The shared faces cannot show where false accepts start
+(every stranger is >= 0.57 from every enrolled face, every genuine face <= 0.47), so the cap stays 0.5 and the
+per-person bound is what lowers the threshold of people whose own photos lie close together (mean 0.47 over folds).
+
+Limits of this measurement: the features are cached with 11 augmented views per photo (6 geometric, 3 colour, 2
+zoom-out, the library's proportions) where `concept add` uses 44: 44 views for 106 photos take about an hour of
+encoder time on this shared 2-core box (`--views 44 --cache F` reproduces it with the default's views). Calibrating
+concepts that share a class word against each other helps little here because a random half rarely holds two
+subjects of one class (+0.002 F1); its case is a user's two dogs. Same-kind groups are the hardest negatives the
+shared photos hold: plush toys (bear vs sloth, cosine 0.78 to each other's prototype) and dogs (0.74-0.75).
+Not done: EfficientNet-Lite2 features, region proposals for small objects, and a faster `concept add` (see the
+timing below)."""
 
 
 def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
@@ -205,13 +230,18 @@ def f1(tp: int, fp: int, fn: int) -> float:
     return prf(tp, fp, fn)[2]
 
 
+def f_beta(tp: int, fp: int, fn: int, beta: float = FIT_BETA) -> float:
+    return (1 + beta**2) * tp / ((1 + beta**2) * tp + beta**2 * fn + fp) if tp else 0.0
+
+
 def add(a: list[int], b: list[int]) -> list[int]:
     return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def cross_validate(bench: ObjectBench, rules: list, splits: int, seed: int = 0, **kw) -> tuple[list[int], Counter]:
     """Held-out-subject [TP, FP, FN]: per split, each half's rule fitted on it alone, measured on the other half.
-    Fitting maximizes F1 with a margin; ties go to the higher thresholds (a false accept is worse than a miss)."""
+    Fitting maximizes F-beta (beta 0.5) with a margin; ties go to the higher thresholds (a false accept is worse
+    than a miss)."""
     rng = random.Random(seed)
     total, picks = [0, 0, 0], Counter()
     for _ in range(splits):
@@ -223,7 +253,7 @@ def cross_validate(bench: ObjectBench, rules: list, splits: int, seed: int = 0, 
             rule = max(
                 rules,
                 key=lambda r: (
-                    f1(*bench.counts(r, fit, within=within, margin=FIT_MARGIN, **kw)),
+                    f_beta(*bench.counts(r, fit, within=within, margin=FIT_MARGIN, **kw)),
                     bench.mean_threshold(r, fit),
                 ),
             )
@@ -251,7 +281,7 @@ def benchmark_objects(data: Path, views: int, splits: int, cache: Path | None) -
     fitted_on_all = max(
         rules,
         key=lambda r: (
-            f1(*bench.counts(r, bench.subjects, within=everyone, margin=FIT_MARGIN)),
+            f_beta(*bench.counts(r, bench.subjects, within=everyone, margin=FIT_MARGIN)),
             bench.mean_threshold(r, bench.subjects),
         ),
     )
@@ -360,6 +390,8 @@ def benchmark_faces(data: Path, splits: int) -> tuple[list[str], dict]:
             factor = min(fitting) if fitting else max(SPREAD_FACTORS)
             picks[factor] += 1
             held = [a + b for a, b in zip(held, measure(factor, test), strict=True)]
+    fitting = [f for f in SPREAD_FACTORS if (m := measure(f, people, FIT_MARGIN))[0] >= 0.99 * m[1] and m[2] == 0]
+    fitted_on_all = min(fitting) if fitting else max(SPREAD_FACTORS)
     shipped = measure(SPREAD_FACTOR, people)
     fixed = measure(float("inf"), people)  # the cap alone (0.5) for every person
     genuine = [d for person in people for _, g, _ in cases[person] for d in g]
@@ -371,7 +403,8 @@ def benchmark_faces(data: Path, splits: int) -> tuple[list[str], dict]:
         "",
         f"- **held-out identities** (factor fitted on the other half, {splits} splits both ways): identification "
         f"{held[0]}/{held[1]} = **{held[0] / held[1]:.3f}**, false accepts **{held[2]}**; factors picked: "
-        + ", ".join(f"{f}: {n}" for f, n in sorted(picks.items())),
+        + ", ".join(f"{f}: {n}" for f, n in sorted(picks.items()))
+        + f"; fitted on all {len(people)} identities: {fitted_on_all}",
         f"- shipped factor {SPREAD_FACTOR} on all identities: identification {shipped[0]}/{shipped[1]} = "
         f"**{shipped[0] / shipped[1]:.3f}**, false accepts **{shipped[2]}**; the cap {cap} alone: "
         f"{fixed[0] / fixed[1]:.3f}, {fixed[2]} false accepts",
@@ -405,7 +438,7 @@ def main() -> None:
     object_lines, object_summary = benchmark_objects(args.data, args.views, args.splits, args.cache)
     face_lines, face_summary = benchmark_faces(args.data, args.splits)
     command = f"OMP_NUM_THREADS=1 python benchmarks/heads.py --views {args.views} --splits {args.splits}"
-    lines = [f"Command: `{command}`", "", *object_lines, "", OBJECT_ABLATIONS, "", *face_lines]
+    lines = [f"Command: `{command}`", "", *object_lines, "", *face_lines, "", PROTOCOL_NOTES, "", OBJECT_ABLATIONS]
     print("\n".join(lines))
     print(object_summary, face_summary)
     if not args.no_write:

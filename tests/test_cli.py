@@ -53,6 +53,8 @@ def test_concept_add_list_detect_remove_on_real_photos(tmp_path, capsys):
     detections = json.loads(out.read_text())
     assert [d["image"] for d in detections] == [str(dog[4]), str(scene)]
     assert [x["concept"] for x in detections[0]["detections"]] == ["Rex"]
+    left, top, right, bottom = detections[0]["detections"][0]["box"]  # the best region, in the photo's pixels
+    assert 0 <= left < right and 0 <= top < bottom and right * bottom > 0
     assert detections[1]["detections"] == []
     assert main(["concept", "remove", "Rex", "--library", library]) == 0
     assert ConceptLibrary(library).concepts() == []

@@ -99,8 +99,10 @@ class EfficientNetLite0Encoder:
     gem_power = 3.0
     model_cells = 7  # the feature map is 7x7 at 224 px
     region_cells = 5
-    # cosine to a concept prototype: photos of the same object rarely score below 0.72, other objects rarely above 0.8
-    similarity_band = (0.72, 0.80)
+    # bounds of a concept's cosine threshold (with the leave-one-out std factor of heads/objects.py), fitted by
+    # cross-validation across subjects (benchmarks/heads.py): photos of the same object rarely score below the low
+    # end, other objects rarely above the high end
+    similarity_band = (0.70, 0.80)
 
     def __init__(self):
         from myvlm.heads.efficientnet_lite import EfficientNetLite0

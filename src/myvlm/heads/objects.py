@@ -30,7 +30,7 @@ MIN_CROP_SCALE = 0.6
 # brightness, contrast and saturation factors of the colour views
 COLOUR_JITTER = ((ImageEnhance.Brightness, 0.7, 1.3), (ImageEnhance.Contrast, 0.7, 1.3), (ImageEnhance.Color, 0.6, 1.4))
 ZOOM_OUT_SCALES = (0.5, 0.8)
-LOO_STD_FACTOR = 2.0  # accept new photos down to 2 standard deviations below how well held-out positives match
+LOO_STD_FACTOR = 1.5  # accept new photos down to 1.5 standard deviations below how well held-out positives match
 NEGATIVE_MARGIN = 0.02  # stay this far above the best-scoring negative
 TEMPERATURE = 20.0  # logit = TEMPERATURE * (cosine - threshold): p = 0.5 at the threshold, 0.27/0.73 at ±0.05
 GENERIC_NEGATIVES = 16
