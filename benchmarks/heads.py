@@ -155,10 +155,11 @@ def object_features(data: Path, views: int, cache: Path | None) -> dict:
     items = [(s, p) for s in subjects for p in collect_images([data / "dreambooth" / s])]
     items += [("negatives", p) for p in collect_images([data / "negatives"])]
     images = [load_image(p) for _, p in items]
+    embed_views = getattr(encoder, "embed_views", encoder.embed)  # as ObjectHead.train encodes them
     total = sum(VIEW_COUNTS.values())
     counts = {family: max(1, round(count * views / total)) for family, count in VIEW_COUNTS.items()}
     view_features = [
-        None if owner == "negatives" else encoder.embed(augmented_views(image, random.Random(index), counts))
+        None if owner == "negatives" else embed_views(augmented_views(image, random.Random(index), counts))
         for index, ((owner, _), image) in enumerate(zip(items, images, strict=True))
     ]
     features = {

@@ -244,8 +244,9 @@ class ObjectHead:
     @classmethod
     def _train_prototype(cls, positives, negatives, image_encoder, rng: random.Random) -> ObjectHead:
         photo_regions = embed_regions(image_encoder, list(positives))
+        embed_views = getattr(image_encoder, "embed_views", image_encoder.embed)
         photo_views = [
-            torch.cat([regions[:1], image_encoder.embed(augmented_views(image, rng))])
+            torch.cat([regions[:1], embed_views(augmented_views(image, rng))])
             for image, regions in zip(positives, photo_regions, strict=True)
         ]
         direction = prototype(torch.cat(photo_views))
