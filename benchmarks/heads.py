@@ -126,7 +126,7 @@ Limits of this measurement: the features are cached with 11 augmented views per 
 zoom-out, the library's proportions) where `concept add` uses 44: 44 views for 106 photos take about an hour of encoder
 time on this shared 2-core box (`--views 44 --cache F` reproduces it with the default's views). Calibrating concepts
 that share a class word against each other helps little here because a random half rarely holds two subjects of one
-class (+0.002 F1); its case is a user's two dogs. Same-kind groups are the hardest negatives the shared photos hold:
+class (+0.001 F1); its case is a user's two dogs. Same-kind groups are the hardest negatives the shared photos hold:
 plush toys (bear vs sloth, cosine 0.78 to each other's prototype) and dogs (0.74-0.75). Not done: EfficientNet-Lite2
 features, region proposals for small objects, and a faster `concept add` (see the timing below).
 
