@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parent
 OBJECT_SHOTS = 4
 FACE_SHOTS = 3
 FOLDS = 4  # rotations of the training photos per subject / identity
-FIT_MARGIN = 0.02  # a rule is fitted on F1 with every score this far on the right side of its threshold
+FIT_MARGIN = 0.02  # a rule is fitted with every score this far on the right side of its threshold
+FIT_BETA = 0.5  # ... on F-beta with beta 0.5: precision counts more than recall (a false accept is worse than a miss)
 GROUPS = {
     "dogs and the cat": {"dog", "dog2", "dog3", "dog6", "dog7", "cat"},
     "plush toys": {"bear_plushie", "grey_sloth_plushie"},
@@ -108,6 +109,36 @@ same rule, random draws of 22 views per photo moved fold-0 F1 between 0.94 and 0
 one at 0.79998 for a 0.80 threshold); 44 views gave 0.98 / 0.97 on all three draws measured."""
 
 
+# What the protocol changed and what is still open (2026-12-02). Kept here so a rerun keeps it with the tables.
+PROTOCOL_NOTES = """Issue #28: on 10 object subjects and 7 identities this project never had, the previous heads scored
+object F1 0.815 (11 TP, 4 FP, 1 miss) and 1 false accept on faces, against 0.97-0.98 here: their rules had been chosen
+on the photos that measured them. Now every rule is fitted on half the subjects (identities) and measured on the other
+half. Objects: the rule (leave-one-out std factor, band) is fitted on F-beta 0.5 (a false accept counts more than a
+miss) with every score 0.02 on the right side of its threshold, ties to the higher thresholds; fitted on all 20 subjects
+it is std factor 1.5, band [0.70, 0.80] (previously 2.0, [0.72, 0.80], chosen on all subjects by hand), and that is the
+default. Faces: each person's threshold is min(0.5, max(0.40, 1.4 x the mean distance between their own enrolment
+faces)); 1.4 is the factor fitted on all 6 identities (the smallest keeping identification >= 0.99 with a 0.02 margin),
+the folds fitted on halves pick 1.2 or 1.4. The shared faces cannot show where false accepts start (every stranger is >=
+0.57 from every enrolled face, every genuine face <= 0.47), so the cap stays 0.5 and the per-person bound is what lowers
+the threshold of people whose own photos lie close together (mean 0.47 over folds).
+
+Limits of this measurement: the features are cached with 11 augmented views per photo (6 geometric, 3 colour, 2
+zoom-out, the library's proportions) where `concept add` uses 44: 44 views for 106 photos take about an hour of encoder
+time on this shared 2-core box (`--views 44 --cache F` reproduces it with the default's views). Calibrating concepts
+that share a class word against each other helps little here because a random half rarely holds two subjects of one
+class (+0.001 F1); its case is a user's two dogs. Same-kind groups are the hardest negatives the shared photos hold:
+plush toys (bear vs sloth, cosine 0.78 to each other's prototype) and dogs (0.74-0.75). Not done: EfficientNet-Lite2
+features, region proposals for small objects, and a faster `concept add` (see the timing below).
+
+Timing of `myvlm concept add NAME --kind object --images <4 photos of cat/>` (44 views per photo, the default),
+2026-12-02, AMD EPYC, 2 cores shared with 3 other sessions' jobs (load average 4.3): 60.6 s wall, 33.4 s user + 6.4 s
+system CPU (before the views lost their mirror pass: 127.7 s wall, 58.6 + 8.6 s CPU at load 5). In one process with one
+torch thread: 6.7 s CPU to import, load EfficientNet-Lite0 and embed the procedural negatives, 15.4 s CPU to train the
+head (was 26.7 s). About 22 s of single-thread CPU in all, so under 20 s wall on an idle 2-core machine is likely but
+was **not measured**: this machine was never idle during the session. Encoding the views without the mirror pass left
+every cross-validated number above unchanged (same rule fitted, held-out F1 0.951 both ways on the 11-view cache)."""
+
+
 def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     recall = tp / (tp + fn) if tp + fn else 1.0
     precision = tp / (tp + fp) if tp + fp else 1.0
@@ -125,10 +156,11 @@ def object_features(data: Path, views: int, cache: Path | None) -> dict:
     items = [(s, p) for s in subjects for p in collect_images([data / "dreambooth" / s])]
     items += [("negatives", p) for p in collect_images([data / "negatives"])]
     images = [load_image(p) for _, p in items]
+    embed_views = getattr(encoder, "embed_views", encoder.embed)  # as ObjectHead.train encodes them
     total = sum(VIEW_COUNTS.values())
     counts = {family: max(1, round(count * views / total)) for family, count in VIEW_COUNTS.items()}
     view_features = [
-        None if owner == "negatives" else encoder.embed(augmented_views(image, random.Random(index), counts))
+        None if owner == "negatives" else embed_views(augmented_views(image, random.Random(index), counts))
         for index, ((owner, _), image) in enumerate(zip(items, images, strict=True))
     ]
     features = {
@@ -205,13 +237,18 @@ def f1(tp: int, fp: int, fn: int) -> float:
     return prf(tp, fp, fn)[2]
 
 
+def f_beta(tp: int, fp: int, fn: int, beta: float = FIT_BETA) -> float:
+    return (1 + beta**2) * tp / ((1 + beta**2) * tp + beta**2 * fn + fp) if tp else 0.0
+
+
 def add(a: list[int], b: list[int]) -> list[int]:
     return [x + y for x, y in zip(a, b, strict=True)]
 
 
 def cross_validate(bench: ObjectBench, rules: list, splits: int, seed: int = 0, **kw) -> tuple[list[int], Counter]:
     """Held-out-subject [TP, FP, FN]: per split, each half's rule fitted on it alone, measured on the other half.
-    Fitting maximizes F1 with a margin; ties go to the higher thresholds (a false accept is worse than a miss)."""
+    Fitting maximizes F-beta (beta 0.5) with a margin; ties go to the higher thresholds (a false accept is worse
+    than a miss)."""
     rng = random.Random(seed)
     total, picks = [0, 0, 0], Counter()
     for _ in range(splits):
@@ -223,7 +260,7 @@ def cross_validate(bench: ObjectBench, rules: list, splits: int, seed: int = 0, 
             rule = max(
                 rules,
                 key=lambda r: (
-                    f1(*bench.counts(r, fit, within=within, margin=FIT_MARGIN, **kw)),
+                    f_beta(*bench.counts(r, fit, within=within, margin=FIT_MARGIN, **kw)),
                     bench.mean_threshold(r, fit),
                 ),
             )
@@ -247,6 +284,14 @@ def benchmark_objects(data: Path, views: int, splits: int, cache: Path | None) -
     rules = list(itertools.product(STD_FACTORS, BAND_LOWS, BAND_HIGHS))
     rules = [r for r in rules if r[1] < r[2]]
     held_out, picks = cross_validate(bench, rules, splits)
+    everyone = set(bench.subjects) | {"negatives"}
+    fitted_on_all = max(
+        rules,
+        key=lambda r: (
+            f_beta(*bench.counts(r, bench.subjects, within=everyone, margin=FIT_MARGIN)),
+            bench.mean_threshold(r, bench.subjects),
+        ),
+    )
     held_out_rivals, _ = cross_validate(bench, rules, splits, rivals=True)
     within = bench.counts(shipped, bench.subjects)
     same_kind = {name: bench.counts(shipped, sorted(group), within=group) for name, group in GROUPS.items()}
@@ -273,7 +318,8 @@ def benchmark_objects(data: Path, views: int, splits: int, cache: Path | None) -
         row("**same kind, all groups, calibrated together**", total_rivals),
         "",
         "Rules picked by the fits (std factor, band low, band high: times): "
-        + ", ".join(f"{rule}: {count}" for rule, count in picks.most_common(6)),
+        + ", ".join(f"{rule}: {count}" for rule, count in picks.most_common(6))
+        + f"; fitted on all 20 subjects (the shipped default must be this one): {fitted_on_all}.",
     ]
     summary = {
         "held_out_f1": f1(*held_out),
@@ -282,6 +328,7 @@ def benchmark_objects(data: Path, views: int, splits: int, cache: Path | None) -
         "same_kind_f1": f1(*total_same),
         "same_kind_rivals_f1": f1(*total_rivals),
         "picks": picks.most_common(3),
+        "fitted_on_all": fitted_on_all,
     }
     return lines, summary
 
@@ -326,14 +373,14 @@ def benchmark_faces(data: Path, splits: int) -> tuple[list[str], dict]:
     def threshold(factor: float, spread: float) -> float:
         return min(cap, max(MIN_THRESHOLD_FRACTION * cap, factor * spread))
 
-    def measure(factor: float, persons) -> tuple[int, int, int]:
+    def measure(factor: float, persons, margin: float = 0.0) -> tuple[int, int, int]:
         hits = known = false_accepts = 0
         for person in persons:
             for spread, genuine, strangers in cases[person]:
                 limit = threshold(factor, spread)
-                hits += sum(d < limit for d in genuine)
+                hits += sum(d < limit - margin for d in genuine)
                 known += len(genuine)
-                false_accepts += sum(d < limit for d in strangers)
+                false_accepts += sum(d < limit + margin for d in strangers)
         return hits, known, false_accepts
 
     rng = random.Random(0)
@@ -344,11 +391,14 @@ def benchmark_faces(data: Path, splits: int) -> tuple[list[str], dict]:
         rng.shuffle(order)
         halves = order[: len(order) // 2], order[len(order) // 2 :]
         for fit, test in (halves, halves[::-1]):
-            # the smallest factor that keeps identification >= 0.99 without false accepts on the fitted half
-            fitting = [f for f in SPREAD_FACTORS if (m := measure(f, fit))[0] >= 0.99 * m[1] and m[2] == 0]
+            # the smallest factor that keeps identification >= 0.99 without false accepts on the fitted half, with
+            # every distance FIT_MARGIN on the right side of the threshold
+            fitting = [f for f in SPREAD_FACTORS if (m := measure(f, fit, FIT_MARGIN))[0] >= 0.99 * m[1] and m[2] == 0]
             factor = min(fitting) if fitting else max(SPREAD_FACTORS)
             picks[factor] += 1
             held = [a + b for a, b in zip(held, measure(factor, test), strict=True)]
+    fitting = [f for f in SPREAD_FACTORS if (m := measure(f, people, FIT_MARGIN))[0] >= 0.99 * m[1] and m[2] == 0]
+    fitted_on_all = min(fitting) if fitting else max(SPREAD_FACTORS)
     shipped = measure(SPREAD_FACTOR, people)
     fixed = measure(float("inf"), people)  # the cap alone (0.5) for every person
     genuine = [d for person in people for _, g, _ in cases[person] for d in g]
@@ -360,7 +410,8 @@ def benchmark_faces(data: Path, splits: int) -> tuple[list[str], dict]:
         "",
         f"- **held-out identities** (factor fitted on the other half, {splits} splits both ways): identification "
         f"{held[0]}/{held[1]} = **{held[0] / held[1]:.3f}**, false accepts **{held[2]}**; factors picked: "
-        + ", ".join(f"{f}: {n}" for f, n in sorted(picks.items())),
+        + ", ".join(f"{f}: {n}" for f, n in sorted(picks.items()))
+        + f"; fitted on all {len(people)} identities: {fitted_on_all}",
         f"- shipped factor {SPREAD_FACTOR} on all identities: identification {shipped[0]}/{shipped[1]} = "
         f"**{shipped[0] / shipped[1]:.3f}**, false accepts **{shipped[2]}**; the cap {cap} alone: "
         f"{fixed[0] / fixed[1]:.3f}, {fixed[2]} false accepts",
@@ -394,7 +445,7 @@ def main() -> None:
     object_lines, object_summary = benchmark_objects(args.data, args.views, args.splits, args.cache)
     face_lines, face_summary = benchmark_faces(args.data, args.splits)
     command = f"OMP_NUM_THREADS=1 python benchmarks/heads.py --views {args.views} --splits {args.splits}"
-    lines = [f"Command: `{command}`", "", *object_lines, "", OBJECT_ABLATIONS, "", *face_lines]
+    lines = [f"Command: `{command}`", "", *object_lines, "", *face_lines, "", PROTOCOL_NOTES, "", OBJECT_ABLATIONS]
     print("\n".join(lines))
     print(object_summary, face_summary)
     if not args.no_write:

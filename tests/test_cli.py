@@ -55,6 +55,8 @@ def test_concept_add_list_detect_remove_on_real_photos(tmp_path, capsys):
     detections = json.loads(out.read_text())
     assert [d["image"] for d in detections] == [str(dog[4]), str(scene)]
     assert [x["concept"] for x in detections[0]["detections"]] == ["Rex"]
+    left, top, right, bottom = detections[0]["detections"][0]["box"]  # the best region, in the photo's pixels
+    assert 0 <= left < right and 0 <= top < bottom and right * bottom > 0
     assert detections[1]["detections"] == []
     assert main(["concept", "remove", "Rex", "--library", library]) == 0
     assert ConceptLibrary(library).concepts() == []
@@ -184,3 +186,22 @@ def test_eval_reports_preservation_and_recall_from_the_heads(tmp_path, capsys):
     assert metrics["recall"] == 0.0 and metrics["precision"] == 0.0 and metrics["preservation"] == 1.0
     assert metrics["similarity"] == pytest.approx(1.0, abs=1e-5)
     assert (metrics["n_pos"], metrics["n_neg"]) == (2, 2)
+
+
+@needs_photos
+def test_person_enrolment_says_which_face_of_a_group_photo_and_refuses_two_people(tmp_path, capsys):
+    library = str(tmp_path / "lib")
+    faces = DATA / "faces"
+    alice = [str(faces / "person_a" / "img1.jpg"), str(faces / "group" / "couple.jpg")]
+    assert main(["concept", "add", "alice", "--kind", "person", "--images", *alice, "--library", library]) == 0
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(warning) == 1
+        and warning[0].startswith("myvlm: warning: ")
+        and "couple.jpg: 2 faces; enrolled face 1" in warning[0]
+    )
+    mixed = [str(faces / "person_a" / "img1.jpg"), str(faces / "person_b" / "img26.jpg")]
+    assert main(["concept", "add", "bob", "--kind", "person", "--images", *mixed, "--library", library]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "these photos show 2 different people" in error[0]
+    assert [c.name for c in ConceptLibrary(library).concepts()] == ["alice"]

@@ -164,3 +164,16 @@ def test_insightface_backend_explains_what_is_missing():
             FaceHead(torch.zeros(1, 512), backend="insightface")
     else:
         pytest.skip("insightface is installed here; the missing-package message cannot be exercised")
+
+
+def test_of_two_rival_heads_firing_on_one_region_the_closer_one_wins(colour_encoder):
+    def head(colour, rivals=()):
+        direction = colour_encoder.embed([solid(colour)])[0]
+        return ObjectHead(20 * direction, torch.tensor([-20 * 0.9]), ColourEncoder.name, rivals=rivals)
+
+    red, orange = (250, 10, 10), (250, 120, 10)
+    photo = solid(red)
+    apart = ConceptDetector({"red": head(red), "orange": head(orange)}).detect([photo])[0]
+    assert [d.concept for d in apart] == ["red", "orange"]  # both fire: neither knows the other
+    rivals = ConceptDetector({"red": head(red, ["orange"]), "orange": head(orange)}).detect([photo])[0]
+    assert [(d.concept, d.box) for d in rivals] == [("red", (0.0, 0.0, 32.0, 32.0))]  # one region: the whole photo

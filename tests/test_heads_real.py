@@ -66,7 +66,7 @@ def test_object_head_fires_on_new_photos_of_its_object_only(backpack):
     probabilities = backpack.probabilities(embed_regions(get_encoder(), held_out + others))
     assert (probabilities[: len(held_out)] >= 0.5).all()
     assert (probabilities[len(held_out) :] < 0.5).all()
-    assert 0.72 <= backpack.calibration["cosine_threshold"] <= 0.8
+    assert 0.7 <= backpack.calibration["cosine_threshold"] <= 0.8
 
 
 def test_regions_come_from_one_pass_and_follow_the_mirror_image():

@@ -30,7 +30,7 @@ MIN_CROP_SCALE = 0.6
 # brightness, contrast and saturation factors of the colour views
 COLOUR_JITTER = ((ImageEnhance.Brightness, 0.7, 1.3), (ImageEnhance.Contrast, 0.7, 1.3), (ImageEnhance.Color, 0.6, 1.4))
 ZOOM_OUT_SCALES = (0.5, 0.8)
-LOO_STD_FACTOR = 2.0  # accept new photos down to 2 standard deviations below how well held-out positives match
+LOO_STD_FACTOR = 1.5  # accept new photos down to 1.5 standard deviations below how well held-out positives match
 NEGATIVE_MARGIN = 0.02  # stay this far above the best-scoring negative
 TEMPERATURE = 20.0  # logit = TEMPERATURE * (cosine - threshold): p = 0.5 at the threshold, 0.27/0.73 at ±0.05
 GENERIC_NEGATIVES = 16
@@ -244,8 +244,9 @@ class ObjectHead:
     @classmethod
     def _train_prototype(cls, positives, negatives, image_encoder, rng: random.Random) -> ObjectHead:
         photo_regions = embed_regions(image_encoder, list(positives))
+        embed_views = getattr(image_encoder, "embed_views", image_encoder.embed)
         photo_views = [
-            torch.cat([regions[:1], image_encoder.embed(augmented_views(image, rng))])
+            torch.cat([regions[:1], embed_views(augmented_views(image, rng))])
             for image, regions in zip(positives, photo_regions, strict=True)
         ]
         direction = prototype(torch.cat(photo_views))
