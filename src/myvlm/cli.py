@@ -39,10 +39,23 @@ def _use_library(vlm, args) -> list[str]:
     """Load the library's concepts into the model, saying which ones it cannot use rather than dropping them quietly."""
     library = _library(args)
     loaded = vlm.use_library(library)
-    untrained = [c.name for c in library.concepts() if c.name not in loaded]
+    concepts = library.concepts()
+    untrained = [c.name for c in concepts if c.name not in loaded]
     if untrained:
         print(f"myvlm: note: not trained for {vlm.model_id}, not recognized: {', '.join(untrained)}", file=sys.stderr)
+    _note_headless([c for c in concepts if c.name in loaded])
     return loaded
+
+
+def _note_headless(concepts) -> None:
+    """A concept without a head is never detected, so never inserted: say so instead of leaving it out quietly."""
+    headless = [c.name for c in concepts if c.head is None]
+    if headless:
+        print(
+            f"myvlm: note: no concept head, never detected: {', '.join(headless)} "
+            "(build one from photos: myvlm concept edit NAME --images PHOTOS)",
+            file=sys.stderr,
+        )
 
 
 def _write_json(path: str, obj) -> None:
@@ -57,24 +70,68 @@ def _write_json(path: str, obj) -> None:
 
 
 # --- concept management ---------------------------------------------------------------------------------------------
+def _check_identifier(library, identifier: str, name: str | None = None) -> str:
+    """Refuse a bad or taken identifier before any photo is read or head built."""
+    from myvlm.library import check_name
+
+    identifier = check_name(identifier, "identifier")
+    for other in library.concepts():
+        if other.name != name and other.identifier.casefold() == identifier.casefold():
+            raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other.name}'")
+    return identifier
+
+
+def _build_head(args, kind: str):
+    """The concept head from --images (and --negatives, --encoder), saying what it does while it takes its time."""
+    from myvlm.library import build_head
+
+    if args.negatives and kind == "person":
+        raise MyVLMError("--negatives is for object concepts; a person is told apart by the faces enrolled")
+    images, names = _load_images(args.images, skip_bad=False)
+    negatives = _load_images(args.negatives, skip_bad=True)[0] if args.negatives else None
+    what = "enrolling the faces of" if kind == "person" else "building the object head from"
+    print(f"myvlm: {what} {len(images)} photos...", file=sys.stderr, flush=True)
+    return build_head(kind, images, negatives, sources=names, encoder=args.encoder), len(images)
+
+
 def cmd_concept_add(args) -> None:
-    from myvlm.heads import FaceHead, ObjectHead
     from myvlm.library import check_name
 
     library = _library(args)
     name = check_name(args.name)
     if name in library:
         raise MyVLMError(f"a concept named '{name}' already exists; remove it first or pick a new name")
-    images, names = _load_images(args.images, skip_bad=False)
-    if args.kind == "person":
-        head = FaceHead.enroll(images, sources=names)
-    else:
-        negatives = _load_images(args.negatives, skip_bad=True)[0] if args.negatives else None
-        head = ObjectHead.train(images, negatives, encoder=args.encoder)
-    concept = library.create(name, kind=args.kind, identifier=args.identifier, class_word=args.class_word, head=head)
-    print(
-        f"added {concept.kind} concept '{concept.name}' (identifier '{concept.identifier}') from {len(images)} photos"
-    )
+    identifier = _check_identifier(library, args.identifier or name)
+    class_word = check_name(args.class_word, "class word") if args.class_word is not None else None
+    head, count = _build_head(args, args.kind)
+    concept = library.create(name, kind=args.kind, identifier=identifier, class_word=class_word, head=head)
+    print(f"added {concept.kind} concept '{concept.name}' (identifier '{concept.identifier}') from {count} photos")
+
+
+def cmd_concept_edit(args) -> None:
+    from myvlm.library import check_name
+
+    library = _library(args)
+    concept = library.get(args.name)
+    if args.identifier is None and args.class_word is None and not args.images:
+        raise MyVLMError("nothing to change; give --identifier, --class-word or --images")
+    if args.negatives and not args.images:
+        raise MyVLMError("--negatives go with --images, which rebuild the concept's head")
+    identifier = _check_identifier(library, args.identifier, concept.name) if args.identifier is not None else None
+    class_word = check_name(args.class_word, "class word") if args.class_word is not None else None
+    if args.images:
+        head, count = _build_head(args, concept.kind)
+        library.save_head(concept.name, head)
+        print(f"rebuilt the head of '{concept.name}' from {count} photos")
+    if identifier is not None or class_word is not None:
+        edited = library.edit(concept.name, identifier=identifier, class_word=class_word)
+        print(f"'{edited.name}': identifier '{edited.identifier}', class word '{edited.class_word or '-'}'")
+        if identifier is not None and identifier != concept.identifier and edited.embeddings:
+            print(
+                f"myvlm: note: its embeddings ({', '.join(sorted(edited.embeddings))}) learnt to say "
+                f"'{concept.identifier}'; retrain them with `myvlm train {edited.name} --model MODEL`",
+                file=sys.stderr,
+            )
 
 
 def cmd_concept_list(args) -> None:
@@ -97,7 +154,7 @@ def cmd_concept_list(args) -> None:
 
     def describe(model: str, entry: dict) -> str:
         if not entry.get("complete", True):
-            return f"{model} (interrupted at step {entry.get('steps')}; --resume)"
+            return f"{model} (interrupted at step {entry.get('steps')}; `myvlm train --resume`)"
         together = entry.get("together")
         return f"{model} (trained with {', '.join(together['with'])})" if together else model
 
@@ -114,12 +171,23 @@ def cmd_concept_remove(args) -> None:
     print(f"removed concept '{args.name}'")
 
 
+def _file_box(box, image) -> list[float] | None:
+    """A box in the photo file's pixels: photos are reduced on load (images.MAX_SIDE), boxes are found on that."""
+    if not box:
+        return None
+    width, height = image.info.get("original_size", image.size)
+    sx, sy = width / image.width, height / image.height
+    return [round(v * s, 1) for v, s in zip(box, (sx, sy, sx, sy), strict=True)]
+
+
 def cmd_detect(args) -> None:
     from myvlm.heads import ConceptDetector
 
     library = _library(args)
-    heads = {c.name: library.load_head(c.name) for c in library.concepts()}
+    concepts = library.concepts()
+    heads = {c.name: library.load_head(c.name) for c in concepts}
     heads = {n: h for n, h in heads.items() if h is not None}
+    _note_headless(concepts)
     if not heads:
         raise MyVLMError(f"no concepts with heads in {library.root}; add one with `myvlm concept add`")
     images, names = _load_images(args.images, skip_bad=True)
@@ -128,11 +196,11 @@ def cmd_detect(args) -> None:
         {
             "image": name,
             "detections": [
-                {"concept": d.concept, "score": round(float(d.score), 4), "box": list(d.box) if d.box else None}
+                {"concept": d.concept, "score": round(float(d.score), 4), "box": _file_box(d.box, image)}
                 for d in detections
             ],
         }
-        for name, detections in zip(names, found, strict=True)
+        for name, image, detections in zip(names, images, found, strict=True)
     ]
     if args.json:
         _write_json(args.json, results)
@@ -182,6 +250,18 @@ def cmd_ask(args) -> None:
     print(answer.text)
 
 
+def _note_retraining(library, name: str, model: str, resume: bool) -> None:
+    """Say that a training replaces the stored embedding rather than overwrite it silently."""
+    from myvlm.model import resolve_model
+
+    entry = library.get(name).embeddings.get(resolve_model(model)[1])
+    if entry and entry.get("complete", True) and not resume:
+        print(
+            f"myvlm: note: replacing the embedding of '{name}' for {model} saved {entry.get('saved', '')}".rstrip(),
+            file=sys.stderr,
+        )
+
+
 def cmd_train(args) -> None:
     from myvlm.personalize import train_concept, train_together
 
@@ -198,6 +278,7 @@ def cmd_train(args) -> None:
         return
     if len(captions) > 1:
         raise MyVLMError("one captions file per concept; give several only when training several concepts together")
+    _note_retraining(_library(args), args.name[0], args.model, args.resume)
     train_concept(
         _library(args),
         args.name[0],
@@ -305,6 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="efficientnet-lite0",
         help="image encoder of the object head; vision-tower:MODEL uses that VLM's own vision tower (toy models)",
     )
+    concept_edit = with_library(
+        add("edit", cmd_concept_edit, "change a concept's identifier or class word, or rebuild its head", concept_sub)
+    )
+    concept_edit.add_argument("name")
+    concept_edit.add_argument("--identifier", help="the word the VLM should use")
+    concept_edit.add_argument("--class-word", help="what it is, e.g. dog, mug, man")
+    concept_edit.add_argument("--images", nargs="+", help="photos to rebuild the concept's head from")
+    concept_edit.add_argument("--negatives", nargs="+", help="photos without the concept (objects, with --images)")
+    concept_edit.add_argument("--encoder", default="efficientnet-lite0", help="image encoder of a rebuilt object head")
     concept_list = with_library(add("list", cmd_concept_list, "list concepts", concept_sub))
     concept_list.add_argument("--json", action="store_true")
     concept_remove = with_library(add("remove", cmd_concept_remove, "remove a concept", concept_sub))

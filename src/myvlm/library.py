@@ -18,12 +18,15 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from filelock import FileLock, Timeout
 
 from myvlm.errors import MyVLMError
 from myvlm.storage import explain_os_errors, read_json, read_tensors, write_json_atomic, write_tensors_atomic
+
+if TYPE_CHECKING:  # torch loads where vectors are read or written: listing and editing concepts need no torch
+    import torch
 
 FORMAT = "myvlm-concept/1"
 MANIFEST, EMBEDDINGS, HEAD = "concept.json", "embeddings.safetensors", "head.safetensors"
@@ -47,6 +50,15 @@ def check_name(name: str, what: str = "concept name") -> str:
     if not NAME_PATTERN.match(name):
         raise MyVLMError(f"{what} '{name}' must start with a letter or digit and use letters, digits, space, . ' -")
     return name
+
+
+def build_head(kind: str, photos, negatives=None, sources=None, encoder: str | None = None):
+    """A concept head from a few photos: the main face of each for a person, an object head otherwise."""
+    from myvlm.heads import DEFAULT_ENCODER, FaceHead, ObjectHead
+
+    if kind == "person":
+        return FaceHead.enroll(list(photos), sources=sources)
+    return ObjectHead.train(list(photos), list(negatives) if negatives else None, encoder=encoder or DEFAULT_ENCODER)
 
 
 @dataclass
@@ -164,6 +176,8 @@ class ConceptLibrary:
 
     def load_embedding(self, name: str, model_id: str, width: int | None = None) -> torch.Tensor | None:
         """The concept's vector for `model_id`, or None if it was never trained for that model."""
+        import torch
+
         concept = self.get(name)
         entry = concept.embeddings.get(model_id)
         if entry is None:
@@ -217,12 +231,21 @@ class ConceptLibrary:
         identifier: str | None = None,
         class_word: str | None = None,
         head=None,
+        photos=None,
+        negatives=None,
     ) -> Concept:
-        """Add a new concept (optionally with its head); it appears in the library complete or not at all."""
+        """Add a new concept; it appears in the library complete or not at all. Its head detects it in photos (a
+        concept without one is never inserted by `use_library` / `myvlm caption`): give `head`, or `photos` of it
+        (PIL images) to build one here: `FaceHead.enroll(photos)` for a person, `ObjectHead.train(photos, negatives)`
+        for an object."""
         name = check_name(name)
         identifier = check_name(identifier or name, "identifier")
         if kind not in KINDS:
             raise MyVLMError(f"kind must be 'person' or 'object', not '{kind}'")
+        if photos is not None:
+            if head is not None:
+                raise MyVLMError("give a concept's head or photos to build it from, not both")
+            head = build_head(kind, photos, negatives)
         lock = self._locked()
         try:
             for other in self.concepts():
@@ -252,6 +275,24 @@ class ConceptLibrary:
         finally:
             lock.release()
 
+    def edit(self, name: str, *, identifier: str | None = None, class_word: str | None = None) -> Concept:
+        """Change a concept's identifier and/or class word (None keeps it) in one atomic manifest write."""
+        lock = self._locked()
+        try:
+            concept = self.get(name)
+            if identifier is not None:
+                identifier = check_name(identifier, "identifier")
+                for other in self.concepts():
+                    if other.name != concept.name and other.identifier.casefold() == identifier.casefold():
+                        raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other.name}'")
+                concept.identifier = identifier
+            if class_word is not None:
+                concept.class_word = check_name(class_word, "class word")
+            write_json_atomic(self._folder(name) / MANIFEST, concept.manifest())
+            return concept
+        finally:
+            lock.release()
+
     def save_head(self, name: str, head) -> None:
         lock = self._locked()
         try:
@@ -264,6 +305,8 @@ class ConceptLibrary:
 
     def save_embedding(self, name: str, model_id: str, vector: torch.Tensor, **info) -> None:
         """Store the vector for one model; other models' vectors are kept. Tensors first, then the manifest."""
+        import torch
+
         vector = torch.as_tensor(vector).detach().float().reshape(-1).cpu()
         if not torch.isfinite(vector).all():
             raise MyVLMError(f"concept '{name}': refusing to store a non-finite embedding")

@@ -112,7 +112,10 @@ def build_examples(
             examples.append(Example(index, tuple(named)))
     else:
         if not concept.class_word:
-            raise MyVLMError(f"concept '{concept.name}' has no class word; give captions or set --class-word")
+            raise MyVLMError(
+                f"concept '{concept.name}' has no class word; give --captions, or set it with "
+                f"`myvlm concept edit {concept.name} --class-word WORD`"
+            )
         base = vlm.caption(photos, [[] for _ in photos], progress=True)
         for index, (name, caption) in enumerate(zip(names, base, strict=True)):
             named = name_class_word(caption.text, concept.class_word, concept.identifier)

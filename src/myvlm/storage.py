@@ -9,13 +9,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from typing import TYPE_CHECKING
 
 from myvlm.errors import MyVLMError
+
+if TYPE_CHECKING:  # torch and safetensors load in the functions that use them: `myvlm concept list` needs neither
+    import torch
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -78,12 +77,17 @@ def read_json(path: Path) -> dict:
 
 
 def write_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save as save_safetensors_bytes
+
     data = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
     write_bytes_atomic(path, data)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Only safetensors is ever read from a library: no pickle, whatever the file claims to be."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors_bytes
+
     try:
         return load_safetensors_bytes(path.read_bytes())
     except FileNotFoundError:
