@@ -58,6 +58,16 @@ def _note_headless(concepts) -> None:
         )
 
 
+def _load_model(name: str):
+    """The model, after the checks that need no torch: a misspelt name or an unreachable hub fails in one line."""
+    from myvlm.hub import check_model_name
+
+    check_model_name(name)
+    from myvlm.model import load
+
+    return load(name)
+
+
 def _write_json(path: str, obj) -> None:
     from myvlm.storage import write_json_atomic
 
@@ -172,7 +182,7 @@ def cmd_concept_remove(args) -> None:
 
 
 def _file_box(box, image) -> list[float] | None:
-    """A box in the photo file's pixels: photos are reduced on load (images.MAX_SIDE), boxes are found on that."""
+    """A box in the photo file's pixels: photos are reduced on load (images.LOAD_PIXELS), boxes are found on that."""
     if not box:
         return None
     width, height = image.info.get("original_size", image.size)
@@ -211,9 +221,7 @@ def cmd_detect(args) -> None:
 
 # --- model commands -------------------------------------------------------------------------------------------------
 def cmd_caption(args) -> None:
-    from myvlm.model import load
-
-    vlm = load(args.model)
+    vlm = _load_model(args.model)
     loaded = _use_library(vlm, args)
     images, names = _load_images(args.images, skip_bad=True)
     captions = vlm.caption(images, batch_size=args.batch_size, progress=True)
@@ -242,9 +250,8 @@ def cmd_caption(args) -> None:
 
 def cmd_ask(args) -> None:
     from myvlm.images import load_image
-    from myvlm.model import load
 
-    vlm = load(args.model)
+    vlm = _load_model(args.model)
     _use_library(vlm, args)
     answer = vlm.ask(load_image(args.image), args.question)
     print(answer.text)
@@ -263,6 +270,9 @@ def _note_retraining(library, name: str, model: str, resume: bool) -> None:
 
 
 def cmd_train(args) -> None:
+    from myvlm.hub import check_model_name
+
+    check_model_name(args.model)
     from myvlm.personalize import train_concept, train_together
 
     captions = args.captions or []
@@ -293,13 +303,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from myvlm.model import load
     from myvlm.official import load_official_embedding
 
     library = _library(args)
     concept = library.get(args.concept)
     vector, info = load_official_embedding(args.checkpoint, step=args.step)
-    vlm = load(args.model)
+    vlm = _load_model(args.model)
     vlm.add_concept(concept.name, concept.identifier, vector)  # checks the width against the model
     library.save_embedding(concept.name, vlm.model_id, vector, family=vlm.family, **info)
     print(f"imported step {info['step']} of {args.checkpoint} into '{concept.name}' for {vlm.model_id}")
@@ -307,11 +316,10 @@ def cmd_import(args) -> None:
 
 def cmd_eval(args) -> None:
     from myvlm.evaluate import evaluate_concept
-    from myvlm.model import load
 
     library = _library(args)
     concept = library.get(args.concept)
-    vlm = load(args.model)
+    vlm = _load_model(args.model)
     loaded = vlm.use_library(library)
     if concept.name not in loaded:
         raise MyVLMError(f"concept '{concept.name}' has no embedding for {vlm.model_id}; train it first")

@@ -14,6 +14,7 @@ from transformers import AutoConfig
 
 from myvlm.backends import CAPTION, VQA, Backend, Injection, backend_for
 from myvlm.errors import MyVLMError
+from myvlm.hub import check_hub_model, did_you_mean
 
 TOY_MODELS = ("toy-llava", "toy-blip2")
 
@@ -67,13 +68,16 @@ class PersonalizedVLM:
     ) -> PersonalizedVLM:
         """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`."""
         location, model_id = resolve_model(name)
+        if location == name:  # neither a toy model nor a local folder: a hub id
+            check_hub_model(name)
         try:
             config = AutoConfig.from_pretrained(location)
         except (OSError, ValueError) as error:
-            raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
+            raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}{did_you_mean(name)}") from None
         backend = backend_for(config.model_type)
-        model = backend.model_class.from_pretrained(location, dtype=dtype)
-        processor = backend.processor_class.from_pretrained(location)
+        with _quiet_loading(name in TOY_MODELS):
+            model = backend.model_class.from_pretrained(location, dtype=dtype)
+            processor = backend.processor_class.from_pretrained(location)
         if device is not None:
             model.to(device)
         return cls(model, processor, model_id)
@@ -219,6 +223,21 @@ class PersonalizedVLM:
         per_image = None if concepts is None else [concepts]
         prompt = self.backend.prompt(VQA, question=question.strip())
         return self._run([image], lambda ids: prompt, per_image, 1, max_new_tokens, False)[0]
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """No "Loading weights" bar for the toy models, which load in a blink; large models keep it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _progress(total: int, enabled: bool):
