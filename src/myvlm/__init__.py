@@ -22,6 +22,7 @@ _EXPORTS = {
     "VQA": "myvlm.backends",
     "Backend": "myvlm.backends",
     "register_backend": "myvlm.backends",
+    "load_image": "myvlm.images",
     "Concept": "myvlm.library",
     "ConceptLibrary": "myvlm.library",
     "Caption": "myvlm.model",

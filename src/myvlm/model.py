@@ -61,6 +61,9 @@ class PersonalizedVLM:
         self.backend: Backend = backend_for(model.config.model_type)(model, processor)
         self.concepts: dict[str, ActiveConcept] = {}
         self.detector = None
+        # Names the model may say only for a concept active in the image: the identifiers of every library concept
+        # (use_library) and, for the toy models, the toy world's names, which their pretraining captions hold.
+        self.reserved_names: set[str] = set()
 
     @classmethod
     def from_pretrained(
@@ -80,7 +83,12 @@ class PersonalizedVLM:
             processor = backend.processor_class.from_pretrained(location)
         if device is not None:
             model.to(device)
-        return cls(model, processor, model_id)
+        vlm = cls(model, processor, model_id)
+        if model_id in TOY_MODELS:
+            from myvlm.toyworld.world import NAMES
+
+            vlm.reserved_names.update(NAMES)
+        return vlm
 
     @property
     def family(self) -> str:
@@ -127,6 +135,7 @@ class PersonalizedVLM:
         register_vision_tower(self)  # heads on this model's own vision tower score with it, not a second copy
         loaded, heads = [], {}
         for concept in library.concepts():
+            self.reserved_names.add(concept.identifier)
             heads_entry = library.load_head(concept.name)
             if heads_entry is not None:
                 heads[concept.name] = heads_entry
@@ -187,8 +196,11 @@ class PersonalizedVLM:
             identifiers = [[self.concepts[n].identifier for n in ns] for ns in names]
             prompts = [prompts_for(ids) for ids in identifiers]
             batch = self.backend.encode([images[i] for i in chunk], prompts, [len(n) for n in names])
+            # A caption names only the concepts active in its image: never another concept, nor a name not given.
+            known = self.reserved_names | {c.identifier for c in self.concepts.values()}
+            unspoken = [sorted(known - set(ids)) for ids in identifiers]
             with self.activate(names):
-                texts = self.backend.generate(batch, max_new_tokens=max_new_tokens)
+                texts = self.backend.generate(batch, max_new_tokens=max_new_tokens, unspoken=unspoken)
             for i, text, ns in zip(chunk, texts, names, strict=True):
                 results[i] = Caption(text, tuple(ns))
             bar.update(len(chunk))
