@@ -46,7 +46,9 @@ def test_concept_add_list_detect_remove_on_real_photos(tmp_path, capsys):
     )
     assert main(["concept", "list", "--json", "--library", library]) == 0
     listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert listed == [{"name": "Rex", "identifier": "Rex", "kind": "object", "class_word": "dog", "models": []}]
+    assert listed == [
+        {"name": "Rex", "identifier": "Rex", "kind": "object", "class_word": "dog", "head": True, "models": []}
+    ]
     out = tmp_path / "detections.json"
     scene = DATA / "negatives" / "giraffe.jpg"
     assert main(["detect", str(dog[4]), str(scene), "--json", str(out), "--library", library]) == 0

@@ -152,6 +152,7 @@ def cmd_concept_list(args) -> None:
             "identifier": c.identifier,
             "kind": c.kind,
             "class_word": c.class_word,
+            "head": c.head is not None,
             "models": sorted(c.embeddings),
         }
         for c in concepts
@@ -171,8 +172,10 @@ def cmd_concept_list(args) -> None:
     for row, concept in zip(rows, concepts, strict=True):
         models = ", ".join(describe(m, entry) for m, entry in sorted(concept.embeddings.items()))
         models = models or "no embeddings yet"
+        head = "head" if row["head"] else "no head (never detected)"
         print(
-            f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} class={row['class_word']}  {models}"
+            f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} "
+            f"class={row['class_word'] or '-':<10} {head:<6}  {models}"
         )
 
 
@@ -360,8 +363,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+MODEL_HELP = "hub id (e.g. Salesforce/blip2-flan-t5-xl), local model folder, toy-llava or toy-blip2"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from myvlm import __version__
+
     parser = argparse.ArgumentParser(prog="myvlm", description="Personalize vision-language models to your concepts.")
+    parser.add_argument("--version", action="version", version=f"myvlm {__version__}", help="show the version")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, handler, help_text, parent=sub):
@@ -374,18 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     demo = add("demo", cmd_demo, "personalize a toy VLM to a toyworld concept and show base vs personalized captions")
-    demo.add_argument("--model", default="toy-llava", choices=["toy-llava", "toy-blip2"])
+    demo.add_argument("--model", default="toy-llava", choices=["toy-llava", "toy-blip2"], help="toy VLM to personalize")
     demo.add_argument("--concept", type=int, default=0, help="which toyworld concept (index)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the head and the training")
     demo.add_argument("--json", help="write the metrics as one JSON object")
     demo.add_argument("--report", help="write an HTML report with thumbnails and both captions")
 
     concept = add("concept", None, "add, list and remove concepts")
     concept_sub = concept.add_subparsers(dest="concept_command", required=True, metavar="ACTION")
     concept_add = with_library(add("add", cmd_concept_add, "add a concept from a few photos", concept_sub))
-    concept_add.add_argument("name")
+    concept_add.add_argument("name", help="the concept's name in the library")
     concept_add.add_argument("--images", nargs="+", required=True, help="photos (files or folders)")
-    concept_add.add_argument("--kind", choices=["person", "object"], required=True)
+    concept_add.add_argument(
+        "--kind", choices=["person", "object"], required=True, help="person: found by face; object: by appearance"
+    )
     concept_add.add_argument("--identifier", help="the word the VLM should use (default: the name)")
     concept_add.add_argument("--class-word", help="what it is, e.g. dog, mug, man")
     concept_add.add_argument("--negatives", nargs="+", help="photos without the concept, files or folders (objects)")
@@ -397,19 +408,19 @@ def build_parser() -> argparse.ArgumentParser:
     concept_edit = with_library(
         add("edit", cmd_concept_edit, "change a concept's identifier or class word, or rebuild its head", concept_sub)
     )
-    concept_edit.add_argument("name")
+    concept_edit.add_argument("name", help="the concept to change")
     concept_edit.add_argument("--identifier", help="the word the VLM should use")
     concept_edit.add_argument("--class-word", help="what it is, e.g. dog, mug, man")
     concept_edit.add_argument("--images", nargs="+", help="photos to rebuild the concept's head from")
     concept_edit.add_argument("--negatives", nargs="+", help="photos without the concept (objects, with --images)")
     concept_edit.add_argument("--encoder", default="efficientnet-lite0", help="image encoder of a rebuilt object head")
     concept_list = with_library(add("list", cmd_concept_list, "list concepts", concept_sub))
-    concept_list.add_argument("--json", action="store_true")
+    concept_list.add_argument("--json", action="store_true", help="print the concepts as JSON")
     concept_remove = with_library(add("remove", cmd_concept_remove, "remove a concept", concept_sub))
-    concept_remove.add_argument("name")
+    concept_remove.add_argument("name", help="the concept to remove, with its head and embeddings")
 
     detect = with_library(add("detect", cmd_detect, "find library concepts in photos"))
-    detect.add_argument("images", nargs="+")
+    detect.add_argument("images", nargs="+", help="photos (files or folders)")
     detect.add_argument("--json", help="write detections to this file")
 
     train = with_library(add("train", cmd_train, "learn a concept's embedding for a model"))
@@ -418,8 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="the concept; several concepts already trained alone are fine-tuned together, so one caption names all",
     )
-    train.add_argument("--model", required=True, help="hub id, local folder, toy-llava or toy-blip2")
-    train.add_argument("--task", choices=["caption", "vqa"], default="caption")
+    train.add_argument("--model", required=True, help=MODEL_HELP)
+    train.add_argument(
+        "--task", choices=["caption", "vqa"], default="caption", help="caption, or vqa to add question-answer pairs"
+    )
     train.add_argument("--images", nargs="+", help="training photos (default: a concept folder given by --captions)")
     train.add_argument(
         "--captions",
@@ -427,25 +440,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="captions.json (image name -> captions) in the photos' folder; for several concepts, files of photos "
         "showing them together and of each alone",
     )
-    train.add_argument("--steps", type=positive_int, default=100)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default: 100)")
+    train.add_argument("--seed", type=int, default=0, help="random seed of the training")
     train.add_argument("--resume", action="store_true", help="continue an interrupted training (Ctrl-C, crash)")
 
     caption = with_library(add("caption", cmd_caption, "caption photos, naming the concepts found in them"))
-    caption.add_argument("images", nargs="+")
-    caption.add_argument("--model", required=True)
-    caption.add_argument("--batch-size", type=positive_int, default=8)
+    caption.add_argument("images", nargs="+", help="photos (files or folders)")
+    caption.add_argument("--model", required=True, help=MODEL_HELP)
+    caption.add_argument("--batch-size", type=positive_int, default=8, help="photos captioned at once (default: 8)")
     caption.add_argument("--json", help="write [{image, concepts, caption}] to this file")
     caption.add_argument("--report", help="write an HTML report")
 
     ask = with_library(add("ask", cmd_ask, "ask a question about a photo"))
-    ask.add_argument("image")
-    ask.add_argument("question")
-    ask.add_argument("--model", required=True)
+    ask.add_argument("image", help="one photo")
+    ask.add_argument("question", help='e.g. "What is Bobby doing?"')
+    ask.add_argument("--model", required=True, help=MODEL_HELP)
 
     evaluate = with_library(add("eval", cmd_eval, "recall/precision/F1 of a concept's name, preservation, similarity"))
-    evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--concept", required=True)
+    evaluate.add_argument("--model", required=True, help=MODEL_HELP)
+    evaluate.add_argument("--concept", required=True, help="the trained concept to evaluate")
     evaluate.add_argument("--positives", required=True, help="folder of photos showing the concept")
     evaluate.add_argument("--negatives", required=True, help="folder of photos without it")
     evaluate.add_argument("--json", help="write the metrics as one JSON object")
@@ -453,19 +466,19 @@ def build_parser() -> argparse.ArgumentParser:
     importer = with_library(add("import", cmd_import, "import an official MyVLM embedding checkpoint"))
     importer.add_argument("checkpoint", help="concept_embeddings_<VLM>_<TASK>.pt")
     importer.add_argument("--concept", required=True, help="existing library concept to attach it to")
-    importer.add_argument("--model", required=True, help="the model it was trained for")
+    importer.add_argument("--model", required=True, help="the model it was trained for: " + MODEL_HELP)
     importer.add_argument("--step", type=int, help="training step to import (default: the last)")
 
     toyworld = add("toyworld", None, "the synthetic toy world: export data, rebuild the toy models")
     toy_sub = toyworld.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
     export = add("export", cmd_toyworld_export, "write a personalization dataset in the MyVLM layout", toy_sub)
-    export.add_argument("--out", required=True)
-    export.add_argument("--concepts", type=int, default=2)
-    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--out", required=True, help="folder to write the dataset to")
+    export.add_argument("--concepts", type=positive_int, default=2, help="how many toyworld concepts (default: 2)")
+    export.add_argument("--seed", type=int, default=0, help="random seed of the scenes")
     build = add("build", cmd_toyworld_build, "rebuild a toy model bit-for-bit from a seed", toy_sub)
-    build.add_argument("--model", required=True, choices=["toy-llava", "toy-blip2"])
-    build.add_argument("--out", required=True)
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--model", required=True, choices=["toy-llava", "toy-blip2"], help="which toy model")
+    build.add_argument("--out", required=True, help="folder to write the model to")
+    build.add_argument("--seed", type=int, default=0, help="random seed (packaged models: 0)")
     build.add_argument("--threads", type=int, default=2, help="torch threads (packaged: 2; bit-for-bit needs the same)")
     return parser
 
