@@ -137,7 +137,7 @@ def test_import_train_and_caption_with_a_local_model_folder(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "2.png", "3.png"]
     assert all(r["concepts"] == [] for r in rows)  # this concept has no head: nothing is detected
-    assert "<img src='data:image/png;base64," in report.read_text()
+    assert "<img src='data:image/jpeg;base64," in report.read_text()
 
 
 def test_html_report_escapes_captions_and_file_names(tmp_path):

@@ -295,3 +295,12 @@ def test_every_argument_has_help_text():
         for action in parser._actions:
             if not isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
                 assert action.help, f"`myvlm {name}` {action.dest} has no help text"
+
+
+def test_report_thumbnails_are_jpeg_and_small():
+    from myvlm.report import thumbnail_data_uri
+
+    photos = sorted((ROOT.parent / "shared" / "data" / "dreambooth" / "backpack").glob("*.jpg"))
+    image = load_image(photos[0]) if photos else Image.effect_noise((512, 512), 64).convert("RGB")
+    uri = thumbnail_data_uri(image)
+    assert uri.startswith("data:image/jpeg;base64,") and len(uri) < 60_000, len(uri)  # as PNG: ~114 KB
