@@ -114,6 +114,7 @@ def test_readme_python_snippet_runs_as_written_and_names_the_concept(tmp_path):
     printed = result.stdout.strip().splitlines()
     assert len(printed) == 3, result.stdout
     assert "Bobby" in printed[0] and "Bobby" in printed[2], printed  # given, and found by the head
+    assert "Loading weights" not in result.stderr  # the toy models load in a blink: no bar
 
 
 def test_caption_and_detect_say_which_concepts_have_no_head(tmp_path, capsys):
@@ -269,6 +270,17 @@ def test_a_bad_identifier_is_refused_before_any_photo_is_read(tmp_path):
         "--library", str(tmp_path),
     )  # fmt: skip
     assert "identifier 'a/b' may not contain" in one_line_error(result)
+
+
+def test_retraining_says_it_replaces_the_embedding(tmp_path, capsys):
+    library = ConceptLibrary(tmp_path)
+    library.create("Mia", kind="object")
+    library.save_embedding("Mia", "toy-llava", torch.ones(4))
+    cli._note_retraining(library, "Mia", "toy-llava", resume=False)
+    assert "replacing the embedding of 'Mia' for toy-llava saved 20" in capsys.readouterr().err
+    cli._note_retraining(library, "Mia", "toy-llava", resume=True)
+    cli._note_retraining(library, "Mia", "toy-blip2", resume=False)
+    assert capsys.readouterr().err == ""
 
 
 # --- 8. no name the user did not give ------------------------------------------------------------------------------
