@@ -21,7 +21,7 @@ def _load_images(paths, *, skip_bad: bool):
     """Images from files/folders; with skip_bad, a broken file is reported and skipped, the rest processed."""
     from myvlm.images import collect_images, load_image
 
-    images, names = [], []
+    images, names, failed = [], [], []
     for path in collect_images(paths):
         try:
             images.append(load_image(path))
@@ -29,9 +29,13 @@ def _load_images(paths, *, skip_bad: bool):
         except MyVLMError as error:
             if not skip_bad:
                 raise
-            print(f"myvlm: skipping {one_line(error)}", file=sys.stderr)
-    if not images:
-        raise MyVLMError("none of the given images could be read")
+            failed.append(one_line(error))
+    if not images:  # one line, with the reason
+        raise MyVLMError(
+            failed[0] if len(failed) == 1 else f"none of the {len(failed)} images could be read: {failed[0]}"
+        )
+    for reason in failed:
+        print(f"myvlm: skipping {reason}", file=sys.stderr)
     return images, names
 
 
@@ -58,11 +62,13 @@ def _note_headless(concepts) -> None:
         )
 
 
-def _load_model(name: str):
-    """The model, after the checks that need no torch: a misspelt name or an unreachable hub fails in one line."""
-    from myvlm.hub import check_model_name
+def _load_model(name: str, *, checked: bool = False):
+    """The model, after the checks that need no torch (unless `checked` already): a misspelt name or an unreachable
+    hub fails in one line."""
+    if not checked:
+        from myvlm.hub import check_model_name
 
-    check_model_name(name)
+        check_model_name(name)
     from myvlm.model import load
 
     return load(name)
@@ -224,9 +230,12 @@ def cmd_detect(args) -> None:
 
 # --- model commands -------------------------------------------------------------------------------------------------
 def cmd_caption(args) -> None:
-    vlm = _load_model(args.model)
+    from myvlm.hub import check_model_name
+
+    check_model_name(args.model)
+    images, names = _load_images(args.images, skip_bad=True)  # bad photos and names fail before the model loads
+    vlm = _load_model(args.model, checked=True)
     loaded = _use_library(vlm, args)
-    images, names = _load_images(args.images, skip_bad=True)
     captions = vlm.caption(images, batch_size=args.batch_size, progress=True)
     results = [
         {"image": n, "concepts": list(c.concepts), "caption": c.text} for n, c in zip(names, captions, strict=True)
@@ -252,11 +261,16 @@ def cmd_caption(args) -> None:
 
 
 def cmd_ask(args) -> None:
+    from myvlm.hub import check_model_name
     from myvlm.images import load_image
 
-    vlm = _load_model(args.model)
+    check_model_name(args.model)
+    image = load_image(args.image)
+    if not args.question.strip():
+        raise MyVLMError("the question is empty")
+    vlm = _load_model(args.model, checked=True)
     _use_library(vlm, args)
-    answer = vlm.ask(load_image(args.image), args.question)
+    answer = vlm.ask(image, args.question)
     print(answer.text)
 
 

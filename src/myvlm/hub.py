@@ -59,5 +59,8 @@ def check_hub_model(name: str) -> None:
 
 def check_model_name(name: str) -> None:
     """What can be checked of a --model before loading torch: a hub id (not a toy name, not a local folder)."""
-    if name not in TOY_NAMES and not Path(name).expanduser().exists():
-        check_hub_model(name)
+    if name in TOY_NAMES or Path(name).expanduser().exists():
+        return
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:  # a path, not owner/model
+        raise MyVLMError(f"cannot load model '{name}': no such folder")
+    check_hub_model(name)

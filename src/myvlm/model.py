@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from myvlm.backends import CAPTION, VQA, Backend, Injection, backend_for
 from myvlm.errors import MyVLMError
-from myvlm.hub import check_hub_model, did_you_mean
+from myvlm.hub import check_model_name, did_you_mean
 
 TOY_MODELS = ("toy-llava", "toy-blip2")
 
@@ -72,7 +72,7 @@ class PersonalizedVLM:
         """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`."""
         location, model_id = resolve_model(name)
         if location == name:  # neither a toy model nor a local folder: a hub id
-            check_hub_model(name)
+            check_model_name(name)
         try:
             config = AutoConfig.from_pretrained(location)
         except (OSError, ValueError) as error:
