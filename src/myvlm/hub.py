@@ -38,14 +38,15 @@ def check_hub_model(name: str) -> None:
     retries, which take half a minute of noise to give up."""
     from huggingface_hub import constants, get_session, try_to_load_from_cache
 
-    cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
-    if cached:
-        return
+    suggestion = did_you_mean(name) or "; give a hub id (owner/model), a local model folder, toy-llava or toy-blip2"
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except ValueError:  # the hub client's HFValidationError: not of the form owner/model
+        raise MyVLMError(f"unknown model '{name}'{suggestion}") from None
     if "/" not in name and did_you_mean(name):  # hub models live under an owner: "toy-lava" is a typo
         raise MyVLMError(f"unknown model '{name}'{did_you_mean(name)}")
-    suggestion = did_you_mean(name) or " (a hub id, a local folder, toy-llava or toy-blip2)"
-    flags = ("1", "ON", "YES", "TRUE")
-    if constants.HF_HUB_OFFLINE or any(os.environ.get(v, "").upper() in flags for v in ("HF_HUB_OFFLINE",)):
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         raise MyVLMError(f"model '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set{suggestion}")
     try:
         get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT)
