@@ -47,7 +47,15 @@ def test_concept_add_list_detect_remove_on_real_photos(tmp_path, capsys):
     assert main(["concept", "list", "--json", "--library", library]) == 0
     listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert listed == [
-        {"name": "Rex", "status": "ok", "identifier": "Rex", "kind": "object", "class_word": "dog", "models": []}
+        {
+            "name": "Rex",
+            "status": "ok",
+            "identifier": "Rex",
+            "kind": "object",
+            "class_word": "dog",
+            "head": True,
+            "models": [],
+        }
     ]
     out = tmp_path / "detections.json"
     scene = DATA / "negatives" / "giraffe.jpg"
@@ -139,7 +147,7 @@ def test_import_train_and_caption_with_a_local_model_folder(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [Path(r["image"]).name for r in rows] == ["0.png", "1.png", "2.png", "3.png"]
     assert all(r["concepts"] == [] for r in rows)  # this concept has no head: nothing is detected
-    assert "<img src='data:image/png;base64," in report.read_text()
+    assert "<img src='data:image/jpeg;base64," in report.read_text()
 
 
 def test_html_report_escapes_captions_and_file_names(tmp_path):

@@ -245,7 +245,7 @@ def test_batch_reports_and_skips_bad_files_and_escapes_names_in_the_report(tmp_p
 def test_single_bad_file_or_batch_of_only_bad_files_fails(tmp_path, model_dir, capsys):
     bad = write(tmp_path / "bad.png", b"not a png")
     line = cli_error(capsys, "caption", str(bad), "--model", str(model_dir), "--library", str(tmp_path / "lib"))
-    assert "none of the given images could be read" in line
+    assert f"{bad}: not an image" in line  # one line, with the reason
     line = cli_error(capsys, "ask", str(bad), "what?", "--model", str(model_dir), "--library", str(tmp_path / "lib"))
     assert f"{bad}: not an image" in line
 

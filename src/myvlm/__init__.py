@@ -4,44 +4,54 @@ import myvlm
 vlm = myvlm.load("toy-llava")                       # or a hub id / local folder of BLIP-2 or LLaVA
 result = vlm.learn("bobby", "Bobby", images, captions)
 vlm.caption(images, concepts=[["bobby"]] * len(images))
+head = myvlm.ObjectHead.train(images)                # or myvlm.FaceHead.enroll(photos) for a person
+
+Names are imported on first use, so `import myvlm` (and the `myvlm` command) starts without loading torch.
 """
 
-from myvlm.backends import CAPTION, VQA, Backend, register_backend
-from myvlm.embeddings import ConceptEmbeddings
-from myvlm.errors import MyVLMError
-from myvlm.library import Concept, ConceptLibrary
-from myvlm.model import Caption, PersonalizedVLM, load
-from myvlm.official import load_official_embedding
-from myvlm.text import with_identifier
-from myvlm.training import (
-    Example,
-    TrainingConfig,
-    TrainingResult,
-    caption_examples,
-    learn_concept,
-    learn_together,
-)
+from __future__ import annotations
+
+import importlib
+
+from myvlm.errors import MyVLMError as MyVLMError  # light: no torch
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CAPTION",
-    "VQA",
-    "Backend",
-    "Caption",
-    "Concept",
-    "ConceptEmbeddings",
-    "ConceptLibrary",
-    "Example",
-    "MyVLMError",
-    "PersonalizedVLM",
-    "TrainingConfig",
-    "TrainingResult",
-    "caption_examples",
-    "learn_concept",
-    "learn_together",
-    "load",
-    "load_official_embedding",
-    "register_backend",
-    "with_identifier",
-]
+_EXPORTS = {
+    "CAPTION": "myvlm.backends",
+    "VQA": "myvlm.backends",
+    "Backend": "myvlm.backends",
+    "register_backend": "myvlm.backends",
+    "load_image": "myvlm.images",
+    "Concept": "myvlm.library",
+    "ConceptLibrary": "myvlm.library",
+    "Caption": "myvlm.model",
+    "PersonalizedVLM": "myvlm.model",
+    "load": "myvlm.model",
+    "load_official_embedding": "myvlm.official",
+    "FaceHead": "myvlm.heads",
+    "ObjectHead": "myvlm.heads",
+    "Example": "myvlm.training",
+    "TrainingConfig": "myvlm.training",
+    "TrainingResult": "myvlm.training",
+    "caption_examples": "myvlm.training",
+    "learn_concept": "myvlm.training",
+    "learn_together": "myvlm.training",
+    "with_identifier": "myvlm.text",
+    "ConceptEmbeddings": "myvlm.embeddings",
+}
+
+__all__ = sorted([*_EXPORTS, "MyVLMError"])
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'myvlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

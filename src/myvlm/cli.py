@@ -35,7 +35,7 @@ def _load_images(paths, *, skip_bad: bool):
     """Images from files/folders; with skip_bad, a broken file is reported and skipped, the rest processed."""
     from myvlm.images import collect_images, load_image
 
-    images, names = [], []
+    images, names, failed = [], [], []
     for path in collect_images(paths):
         try:
             images.append(load_image(path))
@@ -43,9 +43,13 @@ def _load_images(paths, *, skip_bad: bool):
         except MyVLMError as error:
             if not skip_bad:
                 raise
-            print(f"myvlm: skipping {one_line(error)}", file=sys.stderr)
-    if not images:
-        raise MyVLMError("none of the given images could be read")
+            failed.append(one_line(error))
+    if not images:  # one line, with the reason
+        raise MyVLMError(
+            failed[0] if len(failed) == 1 else f"none of the {len(failed)} images could be read: {failed[0]}"
+        )
+    for reason in failed:
+        print(f"myvlm: skipping {reason}", file=sys.stderr)
     return images, names
 
 
@@ -53,21 +57,74 @@ def _use_library(vlm, args) -> list[str]:
     """Load the library's concepts into the model, saying which ones it cannot use rather than dropping them quietly."""
     library = _library(args)
     loaded = vlm.use_library(library)
-    untrained = [c.name for c in library.concepts() if c.name not in loaded]
+    concepts = library.concepts()
+    untrained = [c.name for c in concepts if c.name not in loaded]
     if untrained:
         print(f"myvlm: note: not trained for {vlm.model_id}, not recognized: {', '.join(untrained)}", file=sys.stderr)
+    _note_headless([c for c in concepts if c.name in loaded])
     return loaded
 
 
-def _write_json(path: str, obj: dict | list) -> None:
+def _note_headless(concepts) -> None:
+    """A concept without a head is never detected, so never inserted: say so instead of leaving it out quietly."""
+    headless = [c.name for c in concepts if c.head is None]
+    if headless:
+        print(
+            f"myvlm: note: no concept head, never detected: {', '.join(headless)} "
+            "(build one from photos: myvlm concept edit NAME --images PHOTOS)",
+            file=sys.stderr,
+        )
+
+
+def _load_model(name: str, *, checked: bool = False):
+    """The model, after the checks that need no torch (unless `checked` already): a misspelt name or an unreachable
+    hub fails in one line."""
+    if not checked:
+        from myvlm.hub import check_model_name
+
+        check_model_name(name)
+    from myvlm.model import load
+
+    return load(name)
+
+
+def _write_json(path: str, obj) -> None:
     from myvlm.storage import write_json_atomic
 
     write_json_atomic(Path(path), obj)  # any JSON value, written atomically
 
 
 # --- concept management ---------------------------------------------------------------------------------------------
+def _check_identifier(library, identifier: str, name: str | None = None) -> str:
+    """Refuse a bad or taken identifier before any photo is read or head built."""
+    from myvlm.library import check_name
+
+    identifier = check_name(identifier, "identifier")
+    for other in library.concepts():
+        if other.name != name and other.identifier.casefold() == identifier.casefold():
+            raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other.name}'")
+    return identifier
+
+
+def _build_head(args, kind: str):
+    """The concept head from --images (and --negatives, --encoder), saying what it does while it takes its time."""
+    from myvlm.library import build_head
+    from myvlm.model import resolve_encoder
+
+    if args.negatives and kind == "person":
+        raise MyVLMError("--negatives is for object concepts; a person is told apart by the faces enrolled")
+    images, names = _load_images(args.images, skip_bad=False)
+    negatives = _load_images(args.negatives, skip_bad=True)[0] if args.negatives else None
+    what = "enrolling the faces of" if kind == "person" else "building the object head from"
+    print(f"myvlm: {what} {len(images)} photos...", file=sys.stderr, flush=True)
+    head = build_head(kind, images, negatives, sources=names, encoder=resolve_encoder(args.encoder))
+    for note in head.notes:
+        print(f"myvlm: warning: {note}", file=sys.stderr)
+    return head, len(images)
+
+
 def cmd_concept_add(args) -> None:
-    from myvlm.heads import FaceHead, ObjectHead
+    from myvlm.heads import ObjectHead
     from myvlm.heads.objects import calibrate_together
     from myvlm.library import check_name
 
@@ -75,29 +132,48 @@ def cmd_concept_add(args) -> None:
     name = check_name(args.name)
     if name in library:
         raise MyVLMError(f"a concept named '{name}' already exists; remove it first or pick a new name")
-    images, names = _load_images(args.images, skip_bad=False)
-    if args.kind == "person":
-        head = FaceHead.enroll(images, sources=names)
-    else:
-        from myvlm.model import resolve_encoder
-
-        negatives = _load_images(args.negatives, skip_bad=True)[0] if args.negatives else None
-        head = ObjectHead.train(images, negatives, encoder=resolve_encoder(args.encoder))
-        kin = {  # concepts sharing the class word are each other's negatives
+    identifier = _check_identifier(library, args.identifier or name)
+    class_word = check_name(args.class_word, "class word") if args.class_word is not None else None
+    head, count = _build_head(args, args.kind)
+    kin, recalibrated = {}, []
+    if args.kind == "object" and class_word:  # concepts sharing the class word are each other's negatives
+        kin = {
             c.name: library.load_head(c.name)
             for c in library.concepts()
-            if args.class_word and c.kind == "object" and c.class_word == args.class_word and c.head
+            if c.kind == "object" and c.class_word == class_word and c.head
         }
         recalibrated = calibrate_together(name, head, {n: h for n, h in kin.items() if isinstance(h, ObjectHead)})
-    for note in head.notes:
-        print(f"myvlm: warning: {note}", file=sys.stderr)
-    concept = library.create(name, kind=args.kind, identifier=args.identifier, class_word=args.class_word, head=head)
-    for other in recalibrated if args.kind == "object" else []:
+    concept = library.create(name, kind=args.kind, identifier=identifier, class_word=class_word, head=head)
+    for other in recalibrated:
         library.save_head(other, kin[other])
-        print(f"re-calibrated '{other}' and '{name}' against each other's photos (both are a {args.class_word})")
-    print(
-        f"added {concept.kind} concept '{concept.name}' (identifier '{concept.identifier}') from {len(images)} photos"
-    )
+        print(f"re-calibrated '{other}' and '{name}' against each other's photos (both are a {class_word})")
+    print(f"added {concept.kind} concept '{concept.name}' (identifier '{concept.identifier}') from {count} photos")
+
+
+def cmd_concept_edit(args) -> None:
+    from myvlm.library import check_name
+
+    library = _library(args)
+    concept = library.get(args.name)
+    if args.identifier is None and args.class_word is None and not args.images:
+        raise MyVLMError("nothing to change; give --identifier, --class-word or --images")
+    if args.negatives and not args.images:
+        raise MyVLMError("--negatives go with --images, which rebuild the concept's head")
+    identifier = _check_identifier(library, args.identifier, concept.name) if args.identifier is not None else None
+    class_word = check_name(args.class_word, "class word") if args.class_word is not None else None
+    if args.images:
+        head, count = _build_head(args, concept.kind)
+        library.save_head(concept.name, head)
+        print(f"rebuilt the head of '{concept.name}' from {count} photos")
+    if identifier is not None or class_word is not None:
+        edited = library.edit(concept.name, identifier=identifier, class_word=class_word)
+        print(f"'{edited.name}': identifier '{edited.identifier}', class word '{edited.class_word or '-'}'")
+        if identifier is not None and identifier != concept.identifier and edited.embeddings:
+            print(
+                f"myvlm: note: its embeddings ({', '.join(sorted(edited.embeddings))}) learnt to say "
+                f"'{concept.identifier}'; retrain them with `myvlm train {edited.name} --model MODEL`",
+                file=sys.stderr,
+            )
 
 
 def cmd_concept_list(args) -> None:
@@ -110,6 +186,7 @@ def cmd_concept_list(args) -> None:
             "identifier": c.identifier,
             "kind": c.kind,
             "class_word": c.class_word,
+            "head": c.head is not None,
             "models": sorted(c.embeddings),
         }
         for c in concepts
@@ -124,14 +201,16 @@ def cmd_concept_list(args) -> None:
     def describe(model: str, concept) -> str:
         entry = concept.embedding(model)
         if not entry.complete:
-            return f"{model} (interrupted at step {entry.steps}; --resume)"
+            return f"{model} (interrupted at step {entry.steps}; `myvlm train --resume`)"
         return f"{model} (trained with {', '.join(entry.together['with'])})" if entry.together else model
 
     for row, concept in zip(rows, concepts, strict=True):
         models = ", ".join(describe(m, concept) for m in sorted(concept.embeddings))
         models = models or "no embeddings yet"
+        head = "head" if row["head"] else "no head (never detected)"
         print(
-            f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} class={row['class_word']}  {models}"
+            f"{row['name']:<20} {row['kind']:<7} identifier={row['identifier']:<12} "
+            f"class={row['class_word'] or '-':<10} {head:<6}  {models}"
         )
     for row in damaged:
         print(f"{row['name']:<20} DAMAGED {one_line(row['error'])}")
@@ -179,12 +258,23 @@ def _vision_towers(heads) -> dict:
     return {n: resolve_encoder(n) for n in sorted(names) if n.startswith("vision-tower:")}
 
 
+def _file_box(box, image) -> list[float] | None:
+    """A box in the photo file's pixels: photos are reduced on load (images.LOAD_PIXELS), boxes are found on that."""
+    if not box:
+        return None
+    width, height = image.info.get("original_size", image.size)
+    sx, sy = width / image.width, height / image.height
+    return [round(v * s, 1) for v, s in zip(box, (sx, sy, sx, sy), strict=True)]
+
+
 def cmd_detect(args) -> None:
     from myvlm.heads import ConceptDetector
 
     library = _library(args)
-    heads = {c.name: library.load_head(c.name) for c in library.concepts()}
+    concepts = library.concepts()
+    heads = {c.name: library.load_head(c.name) for c in concepts}
     heads = {n: h for n, h in heads.items() if h is not None}
+    _note_headless(concepts)
     if not heads:
         raise MyVLMError(f"no concepts with heads in {library.root}; add one with `myvlm concept add`")
     images, names = _load_images(args.images, skip_bad=True)
@@ -193,11 +283,11 @@ def cmd_detect(args) -> None:
         {
             "image": name,
             "detections": [
-                {"concept": d.concept, "score": round(float(d.score), 4), "box": list(d.box) if d.box else None}
+                {"concept": d.concept, "score": round(float(d.score), 4), "box": _file_box(d.box, image)}
                 for d in detections
             ],
         }
-        for name, detections in zip(names, found, strict=True)
+        for name, image, detections in zip(names, images, found, strict=True)
     ]
     if args.json:
         _write_json(args.json, results)
@@ -208,11 +298,12 @@ def cmd_detect(args) -> None:
 
 # --- model commands -------------------------------------------------------------------------------------------------
 def cmd_caption(args) -> None:
-    from myvlm.model import load
+    from myvlm.hub import check_model_name
 
-    vlm = load(args.model)
+    check_model_name(args.model)
+    images, names = _load_images(args.images, skip_bad=True)  # bad photos and names fail before the model loads
+    vlm = _load_model(args.model, checked=True)
     loaded = _use_library(vlm, args)
-    images, names = _load_images(args.images, skip_bad=True)
     captions = vlm.caption(images, batch_size=args.batch_size, progress=True)
     results = [
         {"image": n, "concepts": list(c.concepts), "caption": c.text} for n, c in zip(names, captions, strict=True)
@@ -238,16 +329,35 @@ def cmd_caption(args) -> None:
 
 
 def cmd_ask(args) -> None:
+    from myvlm.hub import check_model_name
     from myvlm.images import load_image
-    from myvlm.model import load
 
-    vlm = load(args.model)
+    check_model_name(args.model)
+    image = load_image(args.image)
+    if not args.question.strip():
+        raise MyVLMError("the question is empty")
+    vlm = _load_model(args.model, checked=True)
     _use_library(vlm, args)
-    answer = vlm.ask(load_image(args.image), args.question)
+    answer = vlm.ask(image, args.question)
     print(answer.text)
 
 
+def _note_retraining(library, name: str, model: str, resume: bool) -> None:
+    """Say that a training replaces the stored embedding rather than overwrite it silently."""
+    from myvlm.model import resolve_model
+
+    entry = library.get(name).embedding(resolve_model(model)[1])
+    if entry and entry.complete and not resume:
+        print(
+            f"myvlm: note: replacing the embedding of '{name}' for {model} saved {entry.saved or ''}".rstrip(),
+            file=sys.stderr,
+        )
+
+
 def cmd_train(args) -> None:
+    from myvlm.hub import check_model_name
+
+    check_model_name(args.model)
     from myvlm.personalize import TrainingInterrupted, train_concept, train_together
 
     captions = args.captions or []
@@ -280,9 +390,16 @@ def cmd_train(args) -> None:
         raise MyVLMError("one captions file per concept; give several only when training several concepts together")
     if not args.images and not captions:
         raise MyVLMError("give the training photos with --images, or a concept folder's captions.json with --captions")
+    library = _library(args)
+    if not captions and not library.get(args.name[0]).class_word:
+        raise MyVLMError(
+            f"concept '{args.name[0]}' has no class word; give --captions, or set it with "
+            f"`myvlm concept edit {args.name[0]} --class-word WORD`"
+        )
+    _note_retraining(library, args.name[0], args.model, args.resume)
     try:
         done = train_concept(
-            _library(args),
+            library,
             args.name[0],
             args.model,
             task=args.task,
@@ -299,13 +416,12 @@ def cmd_train(args) -> None:
 
 
 def cmd_import(args) -> None:
-    from myvlm.model import load
     from myvlm.official import load_official_embedding
 
     library = _library(args)
     concept = library.get(args.concept)
     vector, info = load_official_embedding(args.checkpoint, step=args.step)
-    vlm = load(args.model)
+    vlm = _load_model(args.model)
     vlm.add_concept(concept.name, concept.identifier, vector)  # checks the width against the model
     library.save_embedding(concept.name, vlm.model_id, vector, family=vlm.family, **info)
     print(f"imported step {info['step']} of {args.checkpoint} into '{concept.name}' for {vlm.model_id}")
@@ -313,11 +429,10 @@ def cmd_import(args) -> None:
 
 def cmd_eval(args) -> None:
     from myvlm.evaluate import evaluate_concept
-    from myvlm.model import load
 
     library = _library(args)
     concept = library.get(args.concept)
-    vlm = load(args.model)
+    vlm = _load_model(args.model)
     loaded = vlm.use_library(library)
     if concept.name not in loaded:
         raise MyVLMError(f"concept '{concept.name}' has no embedding for {vlm.model_id}; train it first")
@@ -358,8 +473,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+MODEL_HELP = "hub id (e.g. Salesforce/blip2-flan-t5-xl), local model folder, toy-llava or toy-blip2"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from myvlm import __version__
+
     parser = argparse.ArgumentParser(prog="myvlm", description="Personalize vision-language models to your concepts.")
+    parser.add_argument("--version", action="version", version=f"myvlm {__version__}", help="show the version")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name, handler, help_text, parent=sub):
@@ -372,18 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     demo = add("demo", cmd_demo, "personalize a toy VLM to a toyworld concept and show base vs personalized captions")
-    demo.add_argument("--model", default=TOY_MODELS[0], choices=TOY_MODELS)
+    demo.add_argument("--model", default=TOY_MODELS[0], choices=TOY_MODELS, help="toy VLM to personalize")
     demo.add_argument("--concept", type=int, default=0, help="which toyworld concept (index)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="random seed of the head and the training")
     demo.add_argument("--json", help="write the metrics as one JSON object")
     demo.add_argument("--report", help="write an HTML report with thumbnails and both captions")
 
     concept = add("concept", None, "add, list and remove concepts")
     concept_sub = concept.add_subparsers(dest="concept_command", required=True, metavar="ACTION")
     concept_add = with_library(add("add", cmd_concept_add, "add a concept from a few photos", concept_sub))
-    concept_add.add_argument("name")
+    concept_add.add_argument("name", help="the concept's name in the library")
     concept_add.add_argument("--images", nargs="+", required=True, help="photos (files or folders)")
-    concept_add.add_argument("--kind", choices=["person", "object"], required=True)
+    concept_add.add_argument(
+        "--kind", choices=["person", "object"], required=True, help="person: found by face; object: by appearance"
+    )
     concept_add.add_argument("--identifier", help="the word the VLM should use (default: the name)")
     concept_add.add_argument("--class-word", help="what it is, e.g. dog, mug, man")
     concept_add.add_argument("--negatives", nargs="+", help="photos without the concept, files or folders (objects)")
@@ -392,18 +515,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="efficientnet-lite0",
         help="image encoder of the object head; vision-tower:MODEL uses that VLM's own vision tower (toy models)",
     )
+    concept_edit = with_library(
+        add("edit", cmd_concept_edit, "change a concept's identifier or class word, or rebuild its head", concept_sub)
+    )
+    concept_edit.add_argument("name", help="the concept to change")
+    concept_edit.add_argument("--identifier", help="the word the VLM should use")
+    concept_edit.add_argument("--class-word", help="what it is, e.g. dog, mug, man")
+    concept_edit.add_argument("--images", nargs="+", help="photos to rebuild the concept's head from")
+    concept_edit.add_argument("--negatives", nargs="+", help="photos without the concept (objects, with --images)")
+    concept_edit.add_argument("--encoder", default="efficientnet-lite0", help="image encoder of a rebuilt object head")
     concept_list = with_library(add("list", cmd_concept_list, "list concepts", concept_sub))
-    concept_list.add_argument("--json", action="store_true")
+    concept_list.add_argument("--json", action="store_true", help="print the concepts as JSON")
     concept_remove = with_library(add("remove", cmd_concept_remove, "remove a concept", concept_sub))
-    concept_remove.add_argument("name")
+    concept_remove.add_argument("name", help="the concept to remove, with its head and embeddings")
     concept_check = with_library(
         add("check", cmd_concept_check, "verify concepts' files; exit 1 if any is damaged", concept_sub)
     )
     concept_check.add_argument("name", nargs="*", help="concepts to check (default: all)")
-    concept_check.add_argument("--json", action="store_true")
+    concept_check.add_argument("--json", action="store_true", help="print the statuses as JSON")
 
     detect = with_library(add("detect", cmd_detect, "find library concepts in photos"))
-    detect.add_argument("images", nargs="+")
+    detect.add_argument("images", nargs="+", help="photos (files or folders)")
     detect.add_argument("--json", help="write detections to this file")
 
     train = with_library(add("train", cmd_train, "learn a concept's embedding for a model"))
@@ -412,8 +544,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="the concept; several concepts already trained alone are fine-tuned together, so one caption names all",
     )
-    train.add_argument("--model", required=True, help="hub id, local folder, toy-llava or toy-blip2")
-    train.add_argument("--task", choices=["caption", "vqa"], default="caption")
+    train.add_argument("--model", required=True, help=MODEL_HELP)
+    train.add_argument(
+        "--task", choices=["caption", "vqa"], default="caption", help="caption, or vqa to add question-answer pairs"
+    )
     train.add_argument("--images", nargs="+", help="training photos (default: a concept folder given by --captions)")
     train.add_argument(
         "--captions",
@@ -421,25 +555,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="captions.json (image name -> captions) in the photos' folder; for several concepts, files of photos "
         "showing them together and of each alone",
     )
-    train.add_argument("--steps", type=positive_int, default=100)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default: 100)")
+    train.add_argument("--seed", type=int, default=0, help="random seed of the training")
     train.add_argument("--resume", action="store_true", help="continue an interrupted training (Ctrl-C, crash)")
 
     caption = with_library(add("caption", cmd_caption, "caption photos, naming the concepts found in them"))
-    caption.add_argument("images", nargs="+")
-    caption.add_argument("--model", required=True)
-    caption.add_argument("--batch-size", type=positive_int, default=8)
+    caption.add_argument("images", nargs="+", help="photos (files or folders)")
+    caption.add_argument("--model", required=True, help=MODEL_HELP)
+    caption.add_argument("--batch-size", type=positive_int, default=8, help="photos captioned at once (default: 8)")
     caption.add_argument("--json", help="write [{image, concepts, caption}] to this file")
     caption.add_argument("--report", help="write an HTML report")
 
     ask = with_library(add("ask", cmd_ask, "ask a question about a photo"))
-    ask.add_argument("image")
-    ask.add_argument("question")
-    ask.add_argument("--model", required=True)
+    ask.add_argument("image", help="one photo")
+    ask.add_argument("question", help='e.g. "What is Bobby doing?"')
+    ask.add_argument("--model", required=True, help=MODEL_HELP)
 
     evaluate = with_library(add("eval", cmd_eval, "recall/precision/F1 of a concept's name, preservation, similarity"))
-    evaluate.add_argument("--model", required=True)
-    evaluate.add_argument("--concept", required=True)
+    evaluate.add_argument("--model", required=True, help=MODEL_HELP)
+    evaluate.add_argument("--concept", required=True, help="the trained concept to evaluate")
     evaluate.add_argument("--positives", required=True, help="folder of photos showing the concept")
     evaluate.add_argument("--negatives", required=True, help="folder of photos without it")
     evaluate.add_argument("--json", help="write the metrics as one JSON object")
@@ -447,19 +581,19 @@ def build_parser() -> argparse.ArgumentParser:
     importer = with_library(add("import", cmd_import, "import an official MyVLM embedding checkpoint"))
     importer.add_argument("checkpoint", help="concept_embeddings_<VLM>_<TASK>.pt")
     importer.add_argument("--concept", required=True, help="existing library concept to attach it to")
-    importer.add_argument("--model", required=True, help="the model it was trained for")
+    importer.add_argument("--model", required=True, help="the model it was trained for: " + MODEL_HELP)
     importer.add_argument("--step", type=int, help="training step to import (default: the last)")
 
     toyworld = add("toyworld", None, "the synthetic toy world: export data, rebuild the toy models")
     toy_sub = toyworld.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
     export = add("export", cmd_toyworld_export, "write a personalization dataset in the MyVLM layout", toy_sub)
-    export.add_argument("--out", required=True)
-    export.add_argument("--concepts", type=int, default=2)
-    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--out", required=True, help="folder to write the dataset to")
+    export.add_argument("--concepts", type=positive_int, default=2, help="how many toyworld concepts (default: 2)")
+    export.add_argument("--seed", type=int, default=0, help="random seed of the scenes")
     build = add("build", cmd_toyworld_build, "rebuild a toy model bit-for-bit from a seed", toy_sub)
-    build.add_argument("--model", required=True, choices=TOY_MODELS)
-    build.add_argument("--out", required=True)
-    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--model", required=True, choices=TOY_MODELS, help="which toy model")
+    build.add_argument("--out", required=True, help="folder to write the model to")
+    build.add_argument("--seed", type=int, default=0, help="random seed (packaged models: 0)")
     build.add_argument("--threads", type=int, default=2, help="torch threads (packaged: 2; bit-for-bit needs the same)")
     return parser
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -17,10 +18,17 @@ MAX_PIXELS = 64_000_000  # larger than any camera photo; beyond it we suspect a 
 # VLM processors resize every photo to their own input size (224-448 px), so small photos are upscaled and work;
 # under 8 px a side there is no content left to recognize, so that is refused rather than silently captioned.
 MIN_SIDE = 8
+# Photos are reduced on load to at most this many pixels (1024x1024 worth, aspect kept: 1182x887 for a 4:3 phone
+# photo): object heads squash a photo to 224 px, VLM processors to 224-448 px, and the face detector upsamples photos
+# this size once, finding faces down to ~40 px (~140 px in a 12-MP original). So a 12-MP photo costs what a 1-MP one
+# does. JPEGs are decoded at 1/2, 1/4 or 1/8 scale (draft mode): the full-size pixels are never held in memory.
+LOAD_PIXELS = 1024 * 1024
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as 8-bit RGB, applying EXIF rotation and taking the first frame of animations."""
+def load_image(path: str | os.PathLike, max_pixels: int | None = LOAD_PIXELS) -> Image.Image:
+    """Open an image as 8-bit RGB, applying EXIF rotation and taking the first frame of animations, reduced to at
+    most `max_pixels` pixels (None keeps the full size). `image.info["original_size"]` is the size before
+    reduction (after rotation), to map boxes back to the file's pixels."""
     path = Path(path)
     try:
         if not path.exists():
@@ -38,7 +46,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                         f"{path}: image is {image.width}x{image.height}, over the {MAX_PIXELS:,}-pixel limit"
                     )
                 image.seek(0)
+                full_width = image.width
+                if max_pixels is not None and image.width * image.height > max_pixels:  # JPEG: 1/2, 1/4, 1/8 scale
+                    scale = math.sqrt(max_pixels / (image.width * image.height))
+                    image.draft(None, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
                 image.load()
+                draft_factor = full_width / image.width
                 image = to_rgb(ImageOps.exif_transpose(image))
     except MyVLMError:
         raise
@@ -53,6 +66,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise MyVLMError(f"{path}: corrupt or truncated image ({detail})") from None
     if min(image.size) < MIN_SIDE:
         raise MyVLMError(f"{path}: image is {image.width}x{image.height}, too small (under {MIN_SIDE} px on a side)")
+    original = (round(image.width * draft_factor), round(image.height * draft_factor))  # rotated, before reduction
+    if max_pixels is not None and image.width * image.height > max_pixels:
+        scale = math.sqrt(max_pixels / (image.width * image.height))
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        image = image.resize(size, Image.LANCZOS, reducing_gap=2.0)
+    image.info["original_size"] = original
     return image
 
 

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from filelock import FileLock, Timeout
 
 from myvlm.errors import MyVLMError
@@ -38,6 +38,9 @@ from myvlm.storage import (
     write_bytes_atomic,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:  # torch loads where vectors are read or written: listing and editing concepts need no torch
+    import torch
 
 FORMAT = "myvlm-concept/1"
 MANIFEST, EMBEDDINGS, HEAD = "concept.json", "embeddings.safetensors", "head.safetensors"
@@ -64,6 +67,15 @@ def check_name(name: str, what: str = "concept name") -> str:
     if not NAME_PATTERN.match(name):
         raise MyVLMError(f"{what} '{name}' must start with a letter or digit and use letters, digits, space, . ' -")
     return name
+
+
+def build_head(kind: str, photos, negatives=None, sources=None, encoder: str | None = None):
+    """A concept head from a few photos: the main face of each for a person, an object head otherwise."""
+    from myvlm.heads import DEFAULT_ENCODER, FaceHead, ObjectHead
+
+    if kind == "person":
+        return FaceHead.enroll(list(photos), sources=sources)
+    return ObjectHead.train(list(photos), list(negatives) if negatives else None, encoder=encoder or DEFAULT_ENCODER)
 
 
 @dataclass
@@ -322,6 +334,8 @@ class ConceptLibrary:
         return head
 
     def _vector(self, concept: Concept, tensors: dict, model_id: str, width: int | None = None) -> torch.Tensor:
+        import torch
+
         name = concept.name
         if model_id not in tensors:
             raise MyVLMError(f"concept '{name}': embeddings file lacks the vector for {model_id} (corrupted)")
@@ -436,12 +450,21 @@ class ConceptLibrary:
         identifier: str | None = None,
         class_word: str | None = None,
         head=None,
+        photos=None,
+        negatives=None,
     ) -> Concept:
-        """Add a new concept (optionally with its head); it appears in the library complete or not at all."""
+        """Add a new concept; it appears in the library complete or not at all. Its head detects it in photos (a
+        concept without one is never inserted by `use_library` / `myvlm caption`): give `head`, or `photos` of it
+        (PIL images) to build one here: `FaceHead.enroll(photos)` for a person, `ObjectHead.train(photos, negatives)`
+        for an object."""
         name = check_name(name)
         identifier = check_name(identifier or name, "identifier")
         if kind not in KINDS:
             raise MyVLMError(f"kind must be 'person' or 'object', not '{kind}'")
+        if photos is not None:
+            if head is not None:
+                raise MyVLMError("give a concept's head or photos to build it from, not both")
+            head = build_head(kind, photos, negatives)
         with self._locked():
             for other in self._names():
                 if other.casefold() == name.casefold():
@@ -483,6 +506,28 @@ class ConceptLibrary:
         write_bytes_atomic(folder / filename, data)
         concept.files[filename] = digest(data)
 
+    def edit(self, name: str, *, identifier: str | None = None, class_word: str | None = None) -> Concept:
+        """Change a concept's identifier and/or class word (None keeps it) in one atomic manifest write."""
+        if identifier is not None:
+            identifier = check_name(identifier, "identifier")
+        if class_word is not None:
+            class_word = check_name(class_word, "class word")
+        with self._locked():
+            concept = self.get(name)
+            if identifier is not None:
+                for other in self._names():
+                    try:
+                        used = self._manifest(other)[0].identifier
+                    except MyVLMError:  # a damaged manifest holds no identifier to compare
+                        continue
+                    if other != concept.name and used.casefold() == identifier.casefold():
+                        raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other}'")
+                concept.identifier = identifier
+            if class_word is not None:
+                concept.class_word = class_word
+            write_json_atomic(self._folder(name) / MANIFEST, concept.manifest())
+            return concept
+
     def save_head(self, name: str, head) -> None:
         """Replace a concept's head (e.g. re-calibrated against a new concept of the same class word)."""
         with self._locked():
@@ -498,6 +543,8 @@ class ConceptLibrary:
         models' vectors are kept. Tensors first, then the manifest."""
         if entry is not None:
             info = {k: v for k, v in entry.to_manifest().items() if k not in ("width", "saved")} | info
+        import torch
+
         vector = torch.as_tensor(vector).detach().float().reshape(-1).cpu()
         if not torch.isfinite(vector).all():
             raise MyVLMError(f"concept '{name}': refusing to store a non-finite embedding")

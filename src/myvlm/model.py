@@ -15,6 +15,7 @@ from transformers import AutoConfig
 from myvlm.backends import CAPTION, VQA, Backend, Batch, Injection, backend_for
 from myvlm.embeddings import ActiveConcept, ConceptEmbeddings
 from myvlm.errors import MyVLMError
+from myvlm.hub import check_model_name, did_you_mean
 from myvlm.toynames import TOY_MODELS
 from myvlm.vision_encoder import PREFIX as VISION_TOWER
 from myvlm.vision_encoder import VisionTowerEncoder
@@ -53,6 +54,9 @@ class PersonalizedVLM:
         self.backend: Backend = backend_for(model.config.model_type)(model, processor)
         self.embeddings = ConceptEmbeddings(self.backend.concept_width, lambda: self.backend.device)
         self.detector = None
+        # Names the model may say only for a concept active in the image: the identifiers of every library concept
+        # (use_library) and, for the toy models, the toy world's names, which their pretraining captions hold.
+        self.reserved_names: set[str] = set()
 
     @classmethod
     def from_pretrained(
@@ -60,16 +64,24 @@ class PersonalizedVLM:
     ) -> PersonalizedVLM:
         """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`."""
         location, model_id = resolve_model(name)
+        if location == name:  # neither a toy model nor a local folder: a hub id
+            check_model_name(name)
         try:
             config = AutoConfig.from_pretrained(location)
         except (OSError, ValueError) as error:
-            raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
+            raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}{did_you_mean(name)}") from None
         backend = backend_for(config.model_type)
-        model = backend.model_class.from_pretrained(location, dtype=dtype)
-        processor = backend.processor_class.from_pretrained(location)
+        with _quiet_loading(name in TOY_MODELS):
+            model = backend.model_class.from_pretrained(location, dtype=dtype)
+            processor = backend.processor_class.from_pretrained(location)
         if device is not None:
             model.to(device)
-        return cls(model, processor, model_id)
+        vlm = cls(model, processor, model_id)
+        if model_id in TOY_MODELS:
+            from myvlm.toyworld.world import NAMES
+
+            vlm.reserved_names.update(NAMES)
+        return vlm
 
     @property
     def family(self) -> str:
@@ -116,6 +128,7 @@ class PersonalizedVLM:
 
         loaded, heads = [], {}
         for concept in library.concepts():
+            self.reserved_names.add(concept.identifier)
             heads_entry = library.load_head(concept.name)
             if heads_entry is not None:
                 heads[concept.name] = heads_entry
@@ -169,8 +182,11 @@ class PersonalizedVLM:
             identifiers = [[self.concepts[n].identifier for n in ns] for ns in names]
             prompts = [prompts_for(ids) for ids in identifiers]
             batch = self.backend.encode([images[i] for i in chunk], prompts, [len(n) for n in names])
+            # A caption names only the concepts active in its image: never another concept, nor a name not given.
+            known = self.reserved_names | set(self.embeddings.identifiers.values())
+            unspoken = [sorted(known - set(ids)) for ids in identifiers]
             with self.activate(names):
-                texts = self.backend.generate(batch, max_new_tokens=max_new_tokens)
+                texts = self.backend.generate(batch, max_new_tokens=max_new_tokens, unspoken=unspoken)
             for i, text, ns in zip(chunk, texts, names, strict=True):
                 results[i] = Caption(text, tuple(ns))
             bar.update(len(chunk))
@@ -205,6 +221,21 @@ class PersonalizedVLM:
         per_image = None if concepts is None else [concepts]
         prompt = self.backend.prompt(VQA, question=question.strip())
         return self._run([image], lambda ids: prompt, per_image, 1, max_new_tokens, False)[0]
+
+
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    """No "Loading weights" bar for the toy models, which load in a blink; large models keep it."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _progress(total: int, enabled: bool):

@@ -21,11 +21,12 @@ img{width:128px;image-rendering:pixelated;border-radius:4px}.muted{color:#888;fo
 
 
 def thumbnail_data_uri(image: Image.Image, size: int = 256) -> str:
-    thumb = image.copy()
+    """A JPEG thumbnail: a tenth of a PNG's size for photos (a report of 117 photos: 13.5 MB as PNG)."""
+    thumb = image.convert("RGB")
     thumb.thumbnail((size, size))
     buffer = io.BytesIO()
-    thumb.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    thumb.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def write_report(

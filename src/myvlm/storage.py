@@ -10,13 +10,12 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
+from typing import TYPE_CHECKING
 
 from myvlm.errors import MyVLMError
+
+if TYPE_CHECKING:  # torch and safetensors load in the functions that use them: `myvlm concept list` needs neither
+    import torch
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -84,11 +83,16 @@ def parse_json(path: Path, data: bytes) -> dict:
 
 
 def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save as save_safetensors_bytes
+
     return save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
 
 
 def parse_tensors(path: Path, data: bytes) -> dict[str, torch.Tensor]:
     """Only safetensors is ever read from a library: no pickle, whatever the file claims to be."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors_bytes
+
     try:
         return load_safetensors_bytes(data)
     except (SafetensorError, ValueError, RuntimeError) as error:

@@ -165,10 +165,18 @@ class Backend:
         return torch.tensor(padded, dtype=torch.long)
 
     @torch.no_grad()
-    def generate(self, batch: Batch, max_new_tokens: int = 40) -> list[str]:
+    def generate(
+        self, batch: Batch, max_new_tokens: int = 40, unspoken: Sequence[Sequence[str]] | None = None
+    ) -> list[str]:
+        """Greedy decoding; `unspoken[i]` are words sample i may not say (names of concepts not in its image)."""
         self._running(batch)
         inputs = self.model_inputs(batch)
-        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        extra = {}
+        if unspoken is not None and any(unspoken):
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList([UnspokenWords(self.tokenizer, unspoken)])
+        output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **extra)
         if self.generation_includes_prompt:
             output = output[:, inputs["input_ids"].shape[1] :]
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
@@ -218,3 +226,29 @@ class Backend:
 def normalized(vectors: torch.Tensor) -> torch.Tensor:
     """Concept vectors are always L2-normalized before use (the official implementation does the same)."""
     return F.normalize(vectors.float(), dim=-1)
+
+
+class UnspokenWords:
+    """A logits processor that keeps each sample of a greedy batch from saying its own list of words: every
+    tokenization of a word (with and without a leading space) is cut at its last token once its prefix is there."""
+
+    def __init__(self, tokenizer, words_per_row: Sequence[Sequence[str]]) -> None:
+        unknown = tokenizer.unk_token_id
+        cache: dict[str, list[list[int]]] = {}
+
+        def sequences(word: str) -> list[list[int]]:
+            if word not in cache:
+                found = {tuple(tokenizer(text, add_special_tokens=False).input_ids) for text in (word, f" {word}")}
+                cache[word] = [list(ids) for ids in found if ids and unknown not in ids]
+            return cache[word]
+
+        self.rows = [[ids for word in words for ids in sequences(word)] for words in words_per_row]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for row, banned in enumerate(self.rows):
+            history = input_ids[row].tolist()
+            for ids in banned:
+                prefix = ids[:-1]
+                if not prefix or history[len(history) - len(prefix) :] == prefix:
+                    scores[row, ids[-1]] = float("-inf")
+        return scores
