@@ -358,7 +358,7 @@ def bobby_folder(tmp_path: Path, captions: dict | None) -> Path:
         ({"0.png": "Bobby is on the sofa ."}, "dog", "1.png: no captions for this photo"),
         ({"0.png": "Bobby .", "9.png": "Bobby ."}, "dog", "9.png: listed in"),
         (None, "giraffe", "0.png: the base caption"),  # the base model never says 'giraffe'
-        (None, None, "has no class word; give captions or set its class word"),
+        (None, None, "no class word; give --captions, or set it with `myvlm concept edit Bobby --class-word WORD`"),
     ],
 )
 def test_captions_without_identifier_or_class_word(tmp_path, lib, model_dir, capsys, captions, class_word, message):
