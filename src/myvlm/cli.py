@@ -65,6 +65,39 @@ def _write_json(path: str, obj: dict | list) -> None:
     write_json_atomic(Path(path), obj)  # any JSON value, written atomically
 
 
+def _add_model_options(command) -> None:
+    """Where and how a command's model runs; every command that loads a model takes these (`_load_options`)."""
+    group = command.add_argument_group("where the model runs")
+    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights' dtype (auto: bfloat16 on CUDA, float16 on MPS, float32 on CPU); concept vectors stay float32",
+    )
+    group.add_argument(
+        "--device-map", choices=["auto"], help="spread a model larger than one GPU over all (accelerate)"
+    )
+    bits = group.add_mutually_exclusive_group()
+    bits.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the frozen VLM to 4 bits (CUDA, bitsandbytes)"
+    )
+    bits.add_argument(
+        "--load-in-8bit", action="store_true", help="quantize the frozen VLM to 8 bits (CUDA, bitsandbytes)"
+    )
+
+
+def _load_options(args) -> dict:
+    """myvlm.load's keyword arguments from the options `_add_model_options` adds."""
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "device_map": args.device_map,
+        "load_in_4bit": args.load_in_4bit,
+        "load_in_8bit": args.load_in_8bit,
+    }
+
+
 # --- concept management ---------------------------------------------------------------------------------------------
 def cmd_concept_add(args) -> None:
     from myvlm.heads import FaceHead, ObjectHead
@@ -210,7 +243,7 @@ def cmd_detect(args) -> None:
 def cmd_caption(args) -> None:
     from myvlm.model import load
 
-    vlm = load(args.model)
+    vlm = load(args.model, **_load_options(args))
     loaded = _use_library(vlm, args)
     images, names = _load_images(args.images, skip_bad=True)
     captions = vlm.caption(images, batch_size=args.batch_size, progress=True)
@@ -241,7 +274,7 @@ def cmd_ask(args) -> None:
     from myvlm.images import load_image
     from myvlm.model import load
 
-    vlm = load(args.model)
+    vlm = load(args.model, **_load_options(args))
     _use_library(vlm, args)
     answer = vlm.ask(load_image(args.image), args.question)
     print(answer.text)
@@ -260,7 +293,13 @@ def cmd_train(args) -> None:
         if not captions:
             raise MyVLMError("training several concepts together needs --captions naming them in each photo")
         done = train_together(
-            _library(args), args.name, args.model, captions=captions, steps=args.steps, seed=args.seed
+            _library(args),
+            args.name,
+            args.model,
+            captions=captions,
+            steps=args.steps,
+            seed=args.seed,
+            load_options=_load_options(args),
         )
         joined, n_together = " + ".join(done.names), done.photos_together
         if done.stored:
@@ -291,6 +330,7 @@ def cmd_train(args) -> None:
             steps=args.steps,
             seed=args.seed,
             resume=args.resume,
+            load_options=_load_options(args),
         )
     except TrainingInterrupted as interrupted:
         raise KeyboardInterrupt(f"{interrupted}; continue with `myvlm train ... --resume`") from None
@@ -305,7 +345,7 @@ def cmd_import(args) -> None:
     library = _library(args)
     concept = library.get(args.concept)
     vector, info = load_official_embedding(args.checkpoint, step=args.step)
-    vlm = load(args.model)
+    vlm = load(args.model, **_load_options(args))
     vlm.add_concept(concept.name, concept.identifier, vector)  # checks the width against the model
     library.save_embedding(concept.name, vlm.model_id, vector, family=vlm.family, **info)
     print(f"imported step {info['step']} of {args.checkpoint} into '{concept.name}' for {vlm.model_id}")
@@ -314,17 +354,20 @@ def cmd_import(args) -> None:
 def cmd_eval(args) -> None:
     from myvlm.evaluate import evaluate_concept
     from myvlm.model import load
+    from myvlm.runtime import PeakMemory
 
     library = _library(args)
     concept = library.get(args.concept)
-    vlm = load(args.model)
-    loaded = vlm.use_library(library)
-    if concept.name not in loaded:
-        raise MyVLMError(f"concept '{concept.name}' has no embedding for {vlm.model_id}; train it first")
-    positives, _ = _load_images([args.positives], skip_bad=True)
-    negatives, _ = _load_images([args.negatives], skip_bad=True)
-    metrics = {"model": vlm.model_id, "concept": concept.name}
-    metrics |= evaluate_concept(vlm, concept.identifier, concept.class_word, positives, negatives)
+    with PeakMemory() as peak:
+        vlm = load(args.model, **_load_options(args))
+        loaded = vlm.use_library(library)
+        if concept.name not in loaded:
+            raise MyVLMError(f"concept '{concept.name}' has no embedding for {vlm.model_id}; train it first")
+        positives, _ = _load_images([args.positives], skip_bad=True)
+        negatives, _ = _load_images([args.negatives], skip_bad=True)
+        metrics = {"model": vlm.model_id, "concept": concept.name}
+        metrics |= evaluate_concept(vlm, concept.identifier, concept.class_word, positives, negatives)
+    metrics |= peak.report()
     if args.json:
         _write_json(args.json, metrics)
     for key, value in metrics.items():
@@ -334,7 +377,14 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     from myvlm.demo import run_demo
 
-    run_demo(args.model, json_path=args.json, report_path=args.report, seed=args.seed, concept_index=args.concept)
+    run_demo(
+        args.model,
+        json_path=args.json,
+        report_path=args.report,
+        seed=args.seed,
+        concept_index=args.concept,
+        load_options=_load_options(args),
+    )
 
 
 def cmd_toyworld_export(args) -> None:
@@ -377,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", help="write the metrics as one JSON object")
     demo.add_argument("--report", help="write an HTML report with thumbnails and both captions")
+    _add_model_options(demo)
 
     concept = add("concept", None, "add, list and remove concepts")
     concept_sub = concept.add_subparsers(dest="concept_command", required=True, metavar="ACTION")
@@ -424,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=positive_int, default=100)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue an interrupted training (Ctrl-C, crash)")
+    _add_model_options(train)
 
     caption = with_library(add("caption", cmd_caption, "caption photos, naming the concepts found in them"))
     caption.add_argument("images", nargs="+")
@@ -431,24 +483,28 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--batch-size", type=positive_int, default=8)
     caption.add_argument("--json", help="write [{image, concepts, caption}] to this file")
     caption.add_argument("--report", help="write an HTML report")
+    _add_model_options(caption)
 
     ask = with_library(add("ask", cmd_ask, "ask a question about a photo"))
     ask.add_argument("image")
     ask.add_argument("question")
     ask.add_argument("--model", required=True)
+    _add_model_options(ask)
 
     evaluate = with_library(add("eval", cmd_eval, "recall/precision/F1 of a concept's name, preservation, similarity"))
     evaluate.add_argument("--model", required=True)
     evaluate.add_argument("--concept", required=True)
     evaluate.add_argument("--positives", required=True, help="folder of photos showing the concept")
     evaluate.add_argument("--negatives", required=True, help="folder of photos without it")
-    evaluate.add_argument("--json", help="write the metrics as one JSON object")
+    evaluate.add_argument("--json", help="write the metrics as one JSON object (with the peak memory)")
+    _add_model_options(evaluate)
 
     importer = with_library(add("import", cmd_import, "import an official MyVLM embedding checkpoint"))
     importer.add_argument("checkpoint", help="concept_embeddings_<VLM>_<TASK>.pt")
     importer.add_argument("--concept", required=True, help="existing library concept to attach it to")
     importer.add_argument("--model", required=True, help="the model it was trained for")
     importer.add_argument("--step", type=int, help="training step to import (default: the last)")
+    _add_model_options(importer)
 
     toyworld = add("toyworld", None, "the synthetic toy world: export data, rebuild the toy models")
     toy_sub = toyworld.add_subparsers(dest="toy_command", required=True, metavar="ACTION")

@@ -56,19 +56,35 @@ class PersonalizedVLM:
 
     @classmethod
     def from_pretrained(
-        cls, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls,
+        name: str,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
     ) -> PersonalizedVLM:
-        """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`."""
+        """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`.
+
+        `device`: auto/cpu/cuda[:i]/mps (None: where HF puts it, the CPU); `dtype`: auto/bfloat16/float16/float32
+        or a torch dtype; `device_map="auto"` spreads a model larger than one GPU (accelerate); `load_in_4bit` /
+        `load_in_8bit` quantize the frozen VLM with bitsandbytes (CUDA). Concept vectors stay float32."""
+        from myvlm.runtime import load_plan
+
+        plan = load_plan(
+            device=device, dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit
+        )
         location, model_id = resolve_model(name)
         try:
             config = AutoConfig.from_pretrained(location)
         except (OSError, ValueError) as error:
             raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
         backend = backend_for(config.model_type)
-        model = backend.model_class.from_pretrained(location, dtype=dtype)
+        model = backend.model_class.from_pretrained(location, **plan.model_kwargs)
         processor = backend.processor_class.from_pretrained(location)
-        if device is not None:
-            model.to(device)
+        if plan.move_to is not None:
+            model.to(plan.move_to)
         return cls(model, processor, model_id)
 
     @property
