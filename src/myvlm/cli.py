@@ -387,6 +387,29 @@ def cmd_demo(args) -> None:
     )
 
 
+def cmd_check(args) -> int:
+    """Self-test of a model on this machine: exit 0 only when every check holds."""
+    from myvlm.check import run_check
+    from myvlm.model import load
+    from myvlm.runtime import PeakMemory
+
+    with PeakMemory() as peak:
+        vlm = load(args.model, **_load_options(args))
+        report = run_check(vlm, steps=args.steps)
+    result = report.to_dict() | peak.report() | {"seconds": round(peak.seconds, 2)}
+    if args.json:
+        _write_json(args.json, result)
+    print(f"{report.model} ({report.family}) on {report.device}, {report.dtype}")
+    for check in report.checks:
+        print(f"  {'ok  ' if check.ok else 'FAIL'}  {check.name:<26} {check.detail}")
+    peak_mb = result["peak_memory_mb"]
+    memory = "unknown" if peak_mb is None else f"{peak_mb:.0f} MB ({result['peak_memory_of']})"
+    print(f"  {report.seconds_per_step:.3f} s per training step, peak memory {memory}")
+    failed = [c.name for c in report.checks if not c.ok]
+    print("all checks passed" if not failed else f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    return 0 if report.ok else 1
+
+
 def cmd_toyworld_export(args) -> None:
     from myvlm.toyworld import export_dataset
 
@@ -505,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--model", required=True, help="the model it was trained for")
     importer.add_argument("--step", type=int, help="training step to import (default: the last)")
     _add_model_options(importer)
+
+    check = add("check", cmd_check, "self-test a model here: hooks, gating, regularizer, training, captioning")
+    check.add_argument("model", help="hub id, local folder, toy-llava or toy-blip2")
+    check.add_argument("--steps", type=positive_int, default=10, help="cached training steps to run")
+    check.add_argument("--json", help="write the checks, seconds per step and peak memory as one JSON object")
+    _add_model_options(check)
 
     toyworld = add("toyworld", None, "the synthetic toy world: export data, rebuild the toy models")
     toy_sub = toyworld.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
