@@ -102,3 +102,72 @@ def test_check_fails_when_a_check_does_not_hold(monkeypatch):
     monkeypatch.setattr(check, "_without_hooks", lambda vlm, batch: torch.zeros(1))  # gating can no longer match
     report = check.run_check(vlm, steps=2)
     assert not report.ok and [c.name for c in report.checks if not c.ok] == ["gating"]
+
+
+# --- 3. myvlm bench ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """A toyworld export in both layouts (2 concepts), written once for the module."""
+    from myvlm.toyworld import export_dataset
+
+    return export_dataset(tmp_path_factory.mktemp("toydata"), n_concepts=2, layout="both")
+
+
+def test_both_layouts_are_read(toy_data):
+    from myvlm.bench import read_dataset
+
+    official = read_dataset(toy_data / "myvlm")
+    assert official.layout == "myvlm" and [c.identifier for c in official.concepts] == ["Ivy", "Mia"]
+    ivy = official.concepts[0]
+    assert len(ivy.train) == 4 and len(ivy.positives) == 20 and ivy.class_word == "figure"
+    assert len(ivy.negatives) == 20 + 10 + 20  # shared negatives, its hard negatives, the other concept's photos
+    assert all("Ivy" in c[0] for c in ivy.captions) and not ivy.questions
+    yollava = read_dataset(toy_data / "yollava")
+    assert yollava.layout == "yollava" and [c.identifier for c in yollava.concepts] == ["Ivy", "Mia"]
+    mia = yollava.concepts[1]
+    assert len(mia.train) == 4 and len(mia.positives) == 10 and len(mia.negatives) == 10 and len(mia.questions) == 10
+    assert mia.questions[0].image.is_file() and mia.questions[0].answer in mia.questions[0].options
+
+
+def test_the_myvlm_layout_without_a_test_folder_splits_the_listed_photos(tmp_path, toy_data):
+    import shutil
+
+    from myvlm.bench import read_dataset
+
+    for name in ("Ivy", "Mia"):
+        shutil.copytree(toy_data / "myvlm" / name, tmp_path / name, ignore=shutil.ignore_patterns("*_negatives"))
+        shutil.rmtree(tmp_path / name / "positives")
+    concepts = read_dataset(tmp_path, n_train=3).concepts
+    assert len(concepts[0].train) == 3 and len(concepts[0].positives) == 1 and len(concepts[0].negatives) == 1
+
+
+def test_answers_are_parsed_as_the_papers_score_them():
+    from myvlm.bench import Question, _answers_yes, _chosen
+
+    assert _answers_yes("Yes, Bobby is there.") is True and _answers_yes("no.") is False
+    assert _answers_yes("a red square") is None
+    question = Question(Path("x.png"), "What color is Mia?", {"A": "red", "B": "blue"}, "A")
+    assert _chosen("A", question) == "A" and _chosen("(B) blue", question) == "B"
+    assert _chosen("Mia is red.", question) == "A" and _chosen("red or blue", question) is None
+
+
+def test_a_folder_that_is_no_dataset_is_a_one_line_error(tmp_path, run_cli):
+    done = run_cli("bench", "--data", str(tmp_path), "--model", "toy-llava")
+    assert done.returncode == 2 and "no concepts found" in done.stderr and len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("model", ["toy-llava", "toy-blip2"])
+@pytest.mark.parametrize("layout", ["myvlm", "yollava"])
+def test_bench_prints_the_table_on_both_layouts(model, layout, toy_data, tmp_path, run_cli):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--data", str(toy_data / layout), "--model", model, "--steps", "3", "--max-images", "2"]
+    done = run_cli(*args, "--json", str(out), "--markdown", str(tmp_path / "bench.md"))
+    assert done.returncode == 0, done.stderr
+    assert "recall" in done.stdout and "rec_w" in done.stdout and "\nmean " in done.stdout
+    result = json.loads(out.read_text())
+    assert result["dataset"]["layout"] == layout and len(result["concepts"]) == 2
+    for row in [*result["concepts"], result["overall"]]:
+        for metric in ("recall", "precision", "f1", "recognition_weighted", "similarity"):
+            assert 0 <= row[metric] <= 1
+    assert (result["overall"]["vqa_accuracy"] is not None) == (layout == "yollava")
+    assert result["peak_memory_mb"] > 0 and "| **mean** |" in (tmp_path / "bench.md").read_text()

@@ -410,10 +410,41 @@ def cmd_check(args) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_bench(args) -> None:
+    """The published protocol on a dataset folder: train every concept, print the table (and write JSON/Markdown)."""
+    from myvlm.bench import METRICS, markdown_table, read_dataset, run_bench
+    from myvlm.model import load
+    from myvlm.runtime import PeakMemory
+    from myvlm.training import TrainingConfig
+
+    dataset = read_dataset(args.data, n_train=args.train_photos)
+    config = TrainingConfig(task=args.task, steps=args.steps, seed=args.seed)
+    with PeakMemory() as peak:
+        vlm = load(args.model, **_load_options(args))
+        result = run_bench(vlm, dataset, config, gate=args.gate, max_images=args.max_images, batch_size=args.batch_size)
+    result |= peak.report() | {"seconds": round(peak.seconds, 2)}
+    if args.json:
+        _write_json(args.json, result)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(result["concepts"], result["overall"]), encoding="utf-8")
+    print(
+        f"{vlm.model_id} on {dataset.root} ({dataset.layout} layout, {len(dataset.concepts)} concepts, task "
+        f"{args.task}, {args.steps} steps, concept inserted: {args.gate})"
+    )
+    short = {"recognition_positive": "rec_pos", "recognition_negative": "rec_neg", "recognition_weighted": "rec_w"}
+    names = [short.get(m, m.removesuffix("_accuracy")) for m in METRICS]
+    print(f"{'concept':<16}" + "".join(f"{n:>11}" for n in names))
+    for row in [*result["concepts"], {"concept": "mean", **result["overall"]}]:
+        cells = ["–" if row.get(m) is None else f"{row[m]:.3f}" if m != "seconds" else f"{row[m]:.1f}" for m in METRICS]
+        print(f"{row['concept']:<16}" + "".join(f"{c:>11}" for c in cells))
+    peak_mb = result["peak_memory_mb"]
+    print(f"peak memory {'unknown' if peak_mb is None else f'{peak_mb:.0f} MB'} ({result['peak_memory_of']})")
+
+
 def cmd_toyworld_export(args) -> None:
     from myvlm.toyworld import export_dataset
 
-    out = export_dataset(args.out, n_concepts=args.concepts, seed=args.seed)
+    out = export_dataset(args.out, n_concepts=args.concepts, seed=args.seed, layout=args.layout)
     print(f"wrote toyworld dataset to {out}")
 
 
@@ -535,12 +566,37 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", help="write the checks, seconds per step and peak memory as one JSON object")
     _add_model_options(check)
 
+    bench = add("bench", cmd_bench, "train every concept of a dataset and report the published tables' metrics")
+    bench.add_argument("--data", required=True, help="dataset folder, MyVLM or Yo'LLaVA layout (README)")
+    bench.add_argument("--model", required=True, help="hub id, local folder, toy-llava or toy-blip2")
+    bench.add_argument("--task", choices=["caption", "vqa"], default="caption", help="training recipe")
+    bench.add_argument("--steps", type=positive_int, default=100, help="training steps per concept")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument(
+        "--gate",
+        choices=["always", "oracle"],
+        default="always",
+        help="insert the concept in every test photo (always) or only in its own photos (oracle: perfect heads)",
+    )
+    bench.add_argument("--train-photos", type=positive_int, default=4, help="MyVLM layout: photos trained on")
+    bench.add_argument("--max-images", type=positive_int, help="at most this many positives, negatives, questions")
+    bench.add_argument("--batch-size", type=positive_int, default=8)
+    bench.add_argument("--json", help="write the per-concept rows, the means and the peak memory to this file")
+    bench.add_argument("--markdown", help="write the table as Markdown to this file")
+    _add_model_options(bench)
+
     toyworld = add("toyworld", None, "the synthetic toy world: export data, rebuild the toy models")
     toy_sub = toyworld.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
     export = add("export", cmd_toyworld_export, "write a personalization dataset in the MyVLM layout", toy_sub)
     export.add_argument("--out", required=True)
     export.add_argument("--concepts", type=int, default=2)
     export.add_argument("--seed", type=int, default=0)
+    export.add_argument(
+        "--layout",
+        choices=["myvlm", "yollava", "both"],
+        default="myvlm",
+        help="the MyVLM authors' layout, Yo'LLaVA's (train/ test/ yollava-visual-qa.json), or both in subfolders",
+    )
     build = add("build", cmd_toyworld_build, "rebuild a toy model bit-for-bit from a seed", toy_sub)
     build.add_argument("--model", required=True, choices=TOY_MODELS)
     build.add_argument("--out", required=True)
