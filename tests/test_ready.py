@@ -171,3 +171,21 @@ def test_bench_prints_the_table_on_both_layouts(model, layout, toy_data, tmp_pat
             assert 0 <= row[metric] <= 1
     assert (result["overall"]["vqa_accuracy"] is not None) == (layout == "yollava")
     assert result["peak_memory_mb"] > 0 and "| **mean** |" in (tmp_path / "bench.md").read_text()
+
+
+# --- 4. the GPU check's code path -----------------------------------------------------------------------------------
+def test_gpu_check_runs_its_code_path_tiny_on_cpu(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py --tiny: every row the GPU run writes, with tiny stand-ins of the same classes."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr("sys.argv", ["gpu_check.py", "--tiny", "--out", str(out), "--steps", "2", "--tokens", "3"])
+    gpu_check.main()
+    rows = {row["model"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"llava-1.5-7b-shaped", "blip2-flan-t5-xl-shaped", "qwen2-vl-7b-shaped"}
+    for name in ("llava-1.5-7b-shaped", "blip2-flan-t5-xl-shaped"):
+        row = rows[name]
+        assert row["fast_s_per_100_steps"] > 0 and row["official_s_per_100_steps"] > 0
+        assert row["caption_plain_s"] > 0 and row["caption_concept_s"] > 0
+    assert rows["qwen2-vl-7b-shaped"]["caption_plain_s"] > 0 and "backend" in rows["qwen2-vl-7b-shaped"]["note"]
