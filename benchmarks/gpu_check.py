@@ -28,21 +28,14 @@ from pathlib import Path
 
 import torch
 from transformers import (
-    Blip2Config,
-    Blip2ForConditionalGeneration,
-    Blip2Processor,
-    Blip2QFormerConfig,
-    Blip2VisionConfig,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     T5Config,
 )
-from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from myvlm.model import PersonalizedVLM  # noqa: E402
 from myvlm.training import VIEWS_PER_IMAGE, TrainingConfig, caption_examples, learn_concept  # noqa: E402
-from shaped_models import SHAPES, _llava, concept_task, make_tokenizer  # noqa: E402
+from shaped_models import SHAPES, _llava, blip2_model, concept_task  # noqa: E402
 
 # Full sizes of the real checkpoints (config.json of each) and tiny stand-ins with the same code path for CPU.
 LLAVA = {
@@ -118,34 +111,9 @@ def blip2_t5(d_model, d_ff, layers, heads, vocab, v_width, v_depth, v_heads, v_f
         decoder_start_token_id=0,
         tie_word_embeddings=False,
     )
-    config = Blip2Config(
-        vision_config=Blip2VisionConfig(
-            initializer_range=0.02,
-            hidden_size=v_width,
-            image_size=224,
-            patch_size=14,
-            num_hidden_layers=v_depth,
-            num_attention_heads=v_heads,
-            intermediate_size=v_ffn,
-        ),
-        qformer_config=Blip2QFormerConfig(
-            hidden_size=q_width,
-            num_hidden_layers=q_depth,
-            num_attention_heads=q_heads,
-            intermediate_size=q_ffn,
-            encoder_hidden_size=v_width,
-        ),
-        text_config=text,
-        num_query_tokens=32,
-        image_token_id=4,
-    )
-    model = Blip2ForConditionalGeneration(config)
-    processor = Blip2Processor(
-        image_processor=BlipImageProcessorPil(size={"height": 224, "width": 224}),
-        tokenizer=make_tokenizer(False),
-        num_query_tokens=32,
-    )
-    return PersonalizedVLM(model, processor, "blip2-flan-t5-xl-shaped")
+    vision = dict(initializer_range=0.02, num_attention_heads=v_heads, intermediate_size=v_ffn)
+    qformer = dict(hidden_size=q_width, num_hidden_layers=q_depth, num_attention_heads=q_heads, intermediate_size=q_ffn)
+    return blip2_model(text, v_width, v_depth, vision, qformer, "blip2-flan-t5-xl-shaped")
 
 
 def qwen2_vl(width, depth, heads, kv, ffn, vocab, v_width, v_depth, v_heads, mrope):
