@@ -173,6 +173,16 @@ def test_bench_prints_the_table_on_both_layouts(model, layout, toy_data, tmp_pat
     assert result["peak_memory_mb"] > 0 and "| **mean** |" in (tmp_path / "bench.md").read_text()
 
 
+def test_bench_trains_with_the_vqa_recipe(toy_data, tmp_path, run_cli):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--data", str(toy_data / "yollava"), "--model", "toy-blip2", "--task", "vqa", "--steps", "2"]
+    done = run_cli(*args, "--max-images", "1", "--gate", "oracle", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result["task"] == "vqa" and result["gate"] == "oracle"
+    assert result["overall"]["precision"] in (0.0, 1.0)  # oracle: the identifier can only appear on its photos
+
+
 # --- 4. the GPU check's code path -----------------------------------------------------------------------------------
 def test_gpu_check_runs_its_code_path_tiny_on_cpu(tmp_path, monkeypatch):
     """benchmarks/gpu_check.py --tiny: every row the GPU run writes, with tiny stand-ins of the same classes."""

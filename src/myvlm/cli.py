@@ -376,15 +376,18 @@ def cmd_eval(args) -> None:
 
 def cmd_demo(args) -> None:
     from myvlm.demo import run_demo
+    from myvlm.runtime import PeakMemory
 
-    run_demo(
-        args.model,
-        json_path=args.json,
-        report_path=args.report,
-        seed=args.seed,
-        concept_index=args.concept,
-        load_options=_load_options(args),
-    )
+    with PeakMemory() as peak:
+        metrics = run_demo(
+            args.model,
+            report_path=args.report,
+            seed=args.seed,
+            concept_index=args.concept,
+            load_options=_load_options(args),
+        )
+    if args.json:
+        _write_json(args.json, metrics | peak.report())
 
 
 def cmd_check(args) -> int:
