@@ -68,10 +68,13 @@ class PersonalizedVLM:
         """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`.
 
         `device`: auto/cpu/cuda[:i]/mps (None: where HF puts it, the CPU); `dtype`: auto/bfloat16/float16/float32
-        or a torch dtype; `device_map="auto"` spreads a model larger than one GPU (accelerate); `load_in_4bit` /
-        `load_in_8bit` quantize the frozen VLM with bitsandbytes (CUDA). Concept vectors stay float32."""
+        or a torch dtype (auto: bfloat16 on CUDA, float32 for the toy models); `device_map="auto"` spreads a model
+        larger than one GPU (accelerate); `load_in_4bit` / `load_in_8bit` quantize the frozen VLM with bitsandbytes
+        (CUDA). Concept vectors stay float32."""
         from myvlm.runtime import load_plan
 
+        if name in TOY_MODELS and dtype == "auto":
+            dtype = torch.float32  # the toys are tiny, and their packaged results are float32 ones
         plan = load_plan(
             device=device, dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit
         )
