@@ -61,6 +61,15 @@ def test_bad_loading_choices_are_one_line_errors(options, message):
         load_plan(**options)
 
 
+def test_device_map_without_accelerate_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(MyVLMError, match=r"--device-map needs accelerate; pip install 'myvlm\[gpu\]'"):
+        load_plan(device_map="auto")
+
+
 @pytest.mark.skipif(not NO_CUDA, reason="the CPU-only messages")
 @pytest.mark.parametrize("flag", ["--load-in-4bit", "--load-in-8bit", "--device=cuda", "--device=cuda:1"])
 def test_cuda_only_options_say_what_to_install(flag, run_cli):
