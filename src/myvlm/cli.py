@@ -73,7 +73,7 @@ def _add_model_options(command) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
-        help="weights' dtype (auto: bfloat16 on CUDA, float16 on MPS, float32 on CPU); concept vectors stay float32",
+        help="weights' dtype (auto: bfloat16 on CUDA, float16 on MPS, float32 on CPU and for toys)",
     )
     group.add_argument(
         "--device-map", choices=["auto"], help="spread a model larger than one GPU over all (accelerate)"
