@@ -15,6 +15,7 @@ from transformers import AutoConfig
 from myvlm.backends import CAPTION, VQA, Backend, Batch, Injection, backend_for
 from myvlm.embeddings import ActiveConcept, ConceptEmbeddings
 from myvlm.errors import MyVLMError
+from myvlm.runtime import load_plan
 from myvlm.toynames import TOY_MODELS
 from myvlm.vision_encoder import PREFIX as VISION_TOWER
 from myvlm.vision_encoder import VisionTowerEncoder
@@ -71,8 +72,6 @@ class PersonalizedVLM:
         or a torch dtype (auto: bfloat16 on CUDA, float32 for the toy models); `device_map="auto"` spreads a model
         larger than one GPU (accelerate); `load_in_4bit` / `load_in_8bit` quantize the frozen VLM with bitsandbytes
         (CUDA). Concept vectors stay float32."""
-        from myvlm.runtime import load_plan
-
         if name in TOY_MODELS and dtype == "auto":
             dtype = torch.float32  # the toys are tiny, and their packaged results are float32 ones
         plan = load_plan(
