@@ -106,33 +106,36 @@ def _llava(width, depth, heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM
 
 
 def _blip2(width, depth, heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM:
+    text = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=depth,
+        ffn_dim=ffn,
+        num_attention_heads=heads,
+        word_embed_proj_dim=width,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
+    vision = dict(num_attention_heads=max(v_width // 88, 1), intermediate_size=4 * v_width)
+    qformer = dict(
+        hidden_size=768 * width // 2560,
+        num_hidden_layers=max(12 * depth // 32, 2),
+        num_attention_heads=max(12 * width // 2560, 1),
+        intermediate_size=3072 * width // 2560,
+    )
+    return blip2_model(text, v_width, v_depth, vision, qformer, "blip2-257")
+
+
+def blip2_model(text_config, v_width: int, v_depth: int, vision: dict, qformer: dict, model_id: str) -> PersonalizedVLM:
+    """A random BLIP-2 (224 px, patch 14, 32 queries) around this language model config, with the tiny tokenizer;
+    `vision` / `qformer`: the rest of their configs' sizes."""
     config = Blip2Config(
         vision_config=Blip2VisionConfig(
-            hidden_size=v_width,
-            image_size=224,
-            patch_size=14,
-            num_hidden_layers=v_depth,
-            num_attention_heads=max(v_width // 88, 1),
-            intermediate_size=4 * v_width,
+            hidden_size=v_width, image_size=224, patch_size=14, num_hidden_layers=v_depth, **vision
         ),
-        qformer_config=Blip2QFormerConfig(
-            hidden_size=768 * width // 2560,
-            num_hidden_layers=max(12 * depth // 32, 2),
-            num_attention_heads=max(12 * width // 2560, 1),
-            intermediate_size=3072 * width // 2560,
-            encoder_hidden_size=v_width,
-        ),
-        text_config=OPTConfig(
-            vocab_size=vocab,
-            hidden_size=width,
-            num_hidden_layers=depth,
-            ffn_dim=ffn,
-            num_attention_heads=heads,
-            word_embed_proj_dim=width,
-            pad_token_id=0,
-            bos_token_id=2,
-            eos_token_id=3,
-        ),
+        qformer_config=Blip2QFormerConfig(encoder_hidden_size=v_width, **qformer),
+        text_config=text_config,
         num_query_tokens=32,
         image_token_id=4,
     )
@@ -142,7 +145,7 @@ def _blip2(width, depth, heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM
         tokenizer=make_tokenizer(False),
         num_query_tokens=32,
     )
-    return PersonalizedVLM(model, processor, "blip2-257")
+    return PersonalizedVLM(model, processor, model_id)
 
 
 def concept_task(vlm: PersonalizedVLM, name: str):

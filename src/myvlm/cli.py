@@ -76,7 +76,7 @@ def _note_headless(concepts) -> None:
         )
 
 
-def _load_model(name: str, *, checked: bool = False):
+def _load_model(name: str, *, checked: bool = False, **options):
     """The model, after the checks that need no torch (unless `checked` already): a misspelt name or an unreachable
     hub fails in one line."""
     if not checked:
@@ -85,13 +85,46 @@ def _load_model(name: str, *, checked: bool = False):
         check_model_name(name)
     from myvlm.model import load
 
-    return load(name)
+    return load(name, **options)
 
 
 def _write_json(path: str, obj) -> None:
     from myvlm.storage import write_json_atomic
 
     write_json_atomic(Path(path), obj)  # any JSON value, written atomically
+
+
+def _add_model_options(command) -> None:
+    """Where and how a command's model runs; every command that loads a model takes these (`_load_options`)."""
+    group = command.add_argument_group("where the model runs")
+    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="weights' dtype (auto: bfloat16 on CUDA, float16 on MPS, float32 on CPU and for toys)",
+    )
+    group.add_argument(
+        "--device-map", choices=["auto"], help="spread a model larger than one GPU over all (accelerate)"
+    )
+    bits = group.add_mutually_exclusive_group()
+    bits.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the frozen VLM to 4 bits (CUDA, bitsandbytes)"
+    )
+    bits.add_argument(
+        "--load-in-8bit", action="store_true", help="quantize the frozen VLM to 8 bits (CUDA, bitsandbytes)"
+    )
+
+
+def _load_options(args) -> dict:
+    """myvlm.load's keyword arguments from the options `_add_model_options` adds."""
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "device_map": args.device_map,
+        "load_in_4bit": args.load_in_4bit,
+        "load_in_8bit": args.load_in_8bit,
+    }
 
 
 # --- concept management ---------------------------------------------------------------------------------------------
@@ -302,7 +335,7 @@ def cmd_caption(args) -> None:
 
     check_model_name(args.model)
     images, names = _load_images(args.images, skip_bad=True)  # bad photos and names fail before the model loads
-    vlm = _load_model(args.model, checked=True)
+    vlm = _load_model(args.model, checked=True, **_load_options(args))
     loaded = _use_library(vlm, args)
     captions = vlm.caption(images, batch_size=args.batch_size, progress=True)
     results = [
@@ -336,7 +369,7 @@ def cmd_ask(args) -> None:
     image = load_image(args.image)
     if not args.question.strip():
         raise MyVLMError("the question is empty")
-    vlm = _load_model(args.model, checked=True)
+    vlm = _load_model(args.model, checked=True, **_load_options(args))
     _use_library(vlm, args)
     answer = vlm.ask(image, args.question)
     print(answer.text)
@@ -370,7 +403,13 @@ def cmd_train(args) -> None:
         if not captions:
             raise MyVLMError("training several concepts together needs --captions naming them in each photo")
         done = train_together(
-            _library(args), args.name, args.model, captions=captions, steps=args.steps, seed=args.seed
+            _library(args),
+            args.name,
+            args.model,
+            captions=captions,
+            steps=args.steps,
+            seed=args.seed,
+            load_options=_load_options(args),
         )
         joined, n_together = " + ".join(done.names), done.photos_together
         if done.stored:
@@ -408,6 +447,7 @@ def cmd_train(args) -> None:
             steps=args.steps,
             seed=args.seed,
             resume=args.resume,
+            load_options=_load_options(args),
         )
     except TrainingInterrupted as interrupted:
         raise KeyboardInterrupt(f"{interrupted}; continue with `myvlm train ... --resume`") from None
@@ -421,7 +461,7 @@ def cmd_import(args) -> None:
     library = _library(args)
     concept = library.get(args.concept)
     vector, info = load_official_embedding(args.checkpoint, step=args.step)
-    vlm = _load_model(args.model)
+    vlm = _load_model(args.model, **_load_options(args))
     vlm.add_concept(concept.name, concept.identifier, vector)  # checks the width against the model
     library.save_embedding(concept.name, vlm.model_id, vector, family=vlm.family, **info)
     print(f"imported step {info['step']} of {args.checkpoint} into '{concept.name}' for {vlm.model_id}")
@@ -429,17 +469,20 @@ def cmd_import(args) -> None:
 
 def cmd_eval(args) -> None:
     from myvlm.evaluate import evaluate_concept
+    from myvlm.runtime import PeakMemory
 
     library = _library(args)
     concept = library.get(args.concept)
-    vlm = _load_model(args.model)
-    loaded = vlm.use_library(library)
-    if concept.name not in loaded:
-        raise MyVLMError(f"concept '{concept.name}' has no embedding for {vlm.model_id}; train it first")
-    positives, _ = _load_images([args.positives], skip_bad=True)
-    negatives, _ = _load_images([args.negatives], skip_bad=True)
-    metrics = {"model": vlm.model_id, "concept": concept.name}
-    metrics |= evaluate_concept(vlm, concept.identifier, concept.class_word, positives, negatives)
+    with PeakMemory() as peak:
+        vlm = _load_model(args.model, **_load_options(args))
+        loaded = vlm.use_library(library)
+        if concept.name not in loaded:
+            raise MyVLMError(f"concept '{concept.name}' has no embedding for {vlm.model_id}; train it first")
+        positives, _ = _load_images([args.positives], skip_bad=True)
+        negatives, _ = _load_images([args.negatives], skip_bad=True)
+        metrics = {"model": vlm.model_id, "concept": concept.name}
+        metrics |= evaluate_concept(vlm, concept.identifier, concept.class_word, positives, negatives)
+    metrics |= peak.report()
     if args.json:
         _write_json(args.json, metrics)
     for key, value in metrics.items():
@@ -448,14 +491,78 @@ def cmd_eval(args) -> None:
 
 def cmd_demo(args) -> None:
     from myvlm.demo import run_demo
+    from myvlm.runtime import PeakMemory
 
-    run_demo(args.model, json_path=args.json, report_path=args.report, seed=args.seed, concept_index=args.concept)
+    with PeakMemory() as peak:
+        metrics = run_demo(
+            args.model,
+            report_path=args.report,
+            seed=args.seed,
+            concept_index=args.concept,
+            load_options=_load_options(args),
+        )
+    if args.json:
+        _write_json(args.json, metrics | peak.report())
+
+
+def cmd_check(args) -> int:
+    """Self-test of a model on this machine: exit 0 only when every check holds."""
+    from myvlm.check import run_check
+    from myvlm.model import load
+    from myvlm.runtime import PeakMemory
+
+    with PeakMemory() as peak:
+        vlm = load(args.model, **_load_options(args))
+        report = run_check(vlm, steps=args.steps)
+    result = report.to_dict() | peak.report() | {"seconds": round(peak.seconds, 2)}
+    if args.json:
+        _write_json(args.json, result)
+    print(f"{report.model} ({report.family}) on {report.device}, {report.dtype}")
+    for check in report.checks:
+        print(f"  {'ok  ' if check.ok else 'FAIL'}  {check.name:<26} {check.detail}")
+    peak_mb = result["peak_memory_mb"]
+    memory = "unknown" if peak_mb is None else f"{peak_mb:.0f} MB ({result['peak_memory_of']})"
+    print(f"  {report.seconds_per_step:.3f} s per training step, peak memory {memory}")
+    failed = [c.name for c in report.checks if not c.ok]
+    print("all checks passed" if not failed else f"{len(failed)} check(s) failed: {', '.join(failed)}")
+    return 0 if report.ok else 1
+
+
+def cmd_bench(args) -> None:
+    """The published protocol on a dataset folder: train every concept, print the table (and write JSON/Markdown)."""
+    from myvlm.bench import METRICS, markdown_table, read_dataset, run_bench
+    from myvlm.model import load
+    from myvlm.runtime import PeakMemory
+    from myvlm.training import TrainingConfig
+
+    dataset = read_dataset(args.data, n_train=args.train_photos)
+    config = TrainingConfig(task=args.task, steps=args.steps, seed=args.seed)
+    with PeakMemory() as peak:
+        vlm = load(args.model, **_load_options(args))
+        result = run_bench(vlm, dataset, config, gate=args.gate, max_images=args.max_images, batch_size=args.batch_size)
+    result |= peak.report() | {"seconds": round(peak.seconds, 2)}
+    if args.json:
+        _write_json(args.json, result)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(result["concepts"], result["overall"]), encoding="utf-8")
+    print(
+        f"{vlm.model_id} on {dataset.root} ({dataset.layout} layout, {len(dataset.concepts)} concepts, task "
+        f"{args.task}, {args.steps} steps, concept inserted: {args.gate})"
+    )
+    short = {"recognition_positive": "rec_pos", "recognition_negative": "rec_neg", "recognition_weighted": "rec_w"}
+    names = [short.get(m, m.removesuffix("_accuracy")) for m in METRICS]
+    print(f"{'concept':<16}" + "".join(f"{n:>11}" for n in names))
+    for row in [*result["concepts"], {"concept": "mean", **result["overall"]}]:
+        cells = ["–" if row.get(m) is None else f"{row[m]:.3f}" if m != "seconds" else f"{row[m]:.1f}" for m in METRICS]
+        print(f"{row['concept']:<16}" + "".join(f"{c:>11}" for c in cells))
+    peak_mb = result["peak_memory_mb"]
+    print(f"peak memory {'unknown' if peak_mb is None else f'{peak_mb:.0f} MB'} ({result['peak_memory_of']})")
 
 
 def cmd_toyworld_export(args) -> None:
     from myvlm.toyworld import export_dataset
 
-    out = export_dataset(args.out, n_concepts=args.concepts, seed=args.seed)
+    out = export_dataset(args.out, n_concepts=args.concepts, seed=args.seed, layout=args.layout)
     print(f"wrote toyworld dataset to {out}")
 
 
@@ -498,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed of the head and the training")
     demo.add_argument("--json", help="write the metrics as one JSON object")
     demo.add_argument("--report", help="write an HTML report with thumbnails and both captions")
+    _add_model_options(demo)
 
     concept = add("concept", None, "add, list and remove concepts")
     concept_sub = concept.add_subparsers(dest="concept_command", required=True, metavar="ACTION")
@@ -558,6 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=positive_int, default=100, help="optimizer steps (default: 100)")
     train.add_argument("--seed", type=int, default=0, help="random seed of the training")
     train.add_argument("--resume", action="store_true", help="continue an interrupted training (Ctrl-C, crash)")
+    _add_model_options(train)
 
     caption = with_library(add("caption", cmd_caption, "caption photos, naming the concepts found in them"))
     caption.add_argument("images", nargs="+", help="photos (files or folders)")
@@ -565,24 +674,53 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--batch-size", type=positive_int, default=8, help="photos captioned at once (default: 8)")
     caption.add_argument("--json", help="write [{image, concepts, caption}] to this file")
     caption.add_argument("--report", help="write an HTML report")
+    _add_model_options(caption)
 
     ask = with_library(add("ask", cmd_ask, "ask a question about a photo"))
     ask.add_argument("image", help="one photo")
     ask.add_argument("question", help='e.g. "What is Bobby doing?"')
     ask.add_argument("--model", required=True, help=MODEL_HELP)
+    _add_model_options(ask)
 
     evaluate = with_library(add("eval", cmd_eval, "recall/precision/F1 of a concept's name, preservation, similarity"))
     evaluate.add_argument("--model", required=True, help=MODEL_HELP)
     evaluate.add_argument("--concept", required=True, help="the trained concept to evaluate")
     evaluate.add_argument("--positives", required=True, help="folder of photos showing the concept")
     evaluate.add_argument("--negatives", required=True, help="folder of photos without it")
-    evaluate.add_argument("--json", help="write the metrics as one JSON object")
+    evaluate.add_argument("--json", help="write the metrics as one JSON object (with the peak memory)")
+    _add_model_options(evaluate)
 
     importer = with_library(add("import", cmd_import, "import an official MyVLM embedding checkpoint"))
     importer.add_argument("checkpoint", help="concept_embeddings_<VLM>_<TASK>.pt")
     importer.add_argument("--concept", required=True, help="existing library concept to attach it to")
     importer.add_argument("--model", required=True, help="the model it was trained for: " + MODEL_HELP)
     importer.add_argument("--step", type=int, help="training step to import (default: the last)")
+    _add_model_options(importer)
+
+    check = add("check", cmd_check, "self-test a model here: hooks, gating, regularizer, training, captioning")
+    check.add_argument("model", help="hub id, local folder, toy-llava or toy-blip2")
+    check.add_argument("--steps", type=positive_int, default=10, help="cached training steps to run")
+    check.add_argument("--json", help="write the checks, seconds per step and peak memory as one JSON object")
+    _add_model_options(check)
+
+    bench = add("bench", cmd_bench, "train every concept of a dataset and report the published tables' metrics")
+    bench.add_argument("--data", required=True, help="dataset folder, MyVLM or Yo'LLaVA layout (README)")
+    bench.add_argument("--model", required=True, help="hub id, local folder, toy-llava or toy-blip2")
+    bench.add_argument("--task", choices=["caption", "vqa"], default="caption", help="training recipe")
+    bench.add_argument("--steps", type=positive_int, default=100, help="training steps per concept")
+    bench.add_argument("--seed", type=int, default=0, help="random seed of the trainings")
+    bench.add_argument(
+        "--gate",
+        choices=["always", "oracle"],
+        default="always",
+        help="insert the concept in every test photo (always) or only in its own photos (oracle: perfect heads)",
+    )
+    bench.add_argument("--train-photos", type=positive_int, default=4, help="MyVLM layout: photos trained on")
+    bench.add_argument("--max-images", type=positive_int, help="at most this many positives, negatives, questions")
+    bench.add_argument("--batch-size", type=positive_int, default=8, help="photos captioned at once (default: 8)")
+    bench.add_argument("--json", help="write the per-concept rows, the means and the peak memory to this file")
+    bench.add_argument("--markdown", help="write the table as Markdown to this file")
+    _add_model_options(bench)
 
     toyworld = add("toyworld", None, "the synthetic toy world: export data, rebuild the toy models")
     toy_sub = toyworld.add_subparsers(dest="toy_command", required=True, metavar="ACTION")
@@ -590,6 +728,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write the dataset to")
     export.add_argument("--concepts", type=positive_int, default=2, help="how many toyworld concepts (default: 2)")
     export.add_argument("--seed", type=int, default=0, help="random seed of the scenes")
+    export.add_argument(
+        "--layout",
+        choices=["myvlm", "yollava", "both"],
+        default="myvlm",
+        help="the MyVLM authors' layout, Yo'LLaVA's (train/ test/ yollava-visual-qa.json), or both in subfolders",
+    )
     build = add("build", cmd_toyworld_build, "rebuild a toy model bit-for-bit from a seed", toy_sub)
     build.add_argument("--model", required=True, choices=TOY_MODELS, help="which toy model")
     build.add_argument("--out", required=True, help="folder to write the model to")

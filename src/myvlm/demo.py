@@ -47,6 +47,7 @@ def run_demo(
     n_hard_negatives: int = 20,
     steps: int = 100,
     out=sys.stdout,
+    load_options: dict | None = None,
 ) -> dict:
     from myvlm.heads import ConceptDetector, ObjectHead
     from myvlm.model import load, resolve_encoder
@@ -56,7 +57,7 @@ def run_demo(
 
     started = time.perf_counter()
     say = lambda text: print(text, file=out, flush=True)  # noqa: E731
-    vlm = load(model)
+    vlm = load(model, **(load_options or {}))  # load_options: device, dtype, ... as myvlm.load takes them
     data = concept_data(
         n_concepts=concept_index + 1,
         seed=seed,

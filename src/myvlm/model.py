@@ -16,6 +16,7 @@ from myvlm.backends import CAPTION, VQA, Backend, Batch, Injection, backend_for
 from myvlm.embeddings import ActiveConcept, ConceptEmbeddings
 from myvlm.errors import MyVLMError
 from myvlm.hub import check_model_name, did_you_mean
+from myvlm.runtime import load_plan
 from myvlm.toynames import TOY_MODELS
 from myvlm.vision_encoder import PREFIX as VISION_TOWER
 from myvlm.vision_encoder import VisionTowerEncoder
@@ -60,9 +61,26 @@ class PersonalizedVLM:
 
     @classmethod
     def from_pretrained(
-        cls, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls,
+        name: str,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        device_map: str | dict | None = None,
+        load_in_4bit: bool = False,
+        load_in_8bit: bool = False,
     ) -> PersonalizedVLM:
-        """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`."""
+        """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`.
+
+        `device`: auto/cpu/cuda[:i]/mps (None: where HF puts it, the CPU); `dtype`: auto/bfloat16/float16/float32
+        or a torch dtype (auto: bfloat16 on CUDA, float32 for the toy models); `device_map="auto"` spreads a model
+        larger than one GPU (accelerate); `load_in_4bit` / `load_in_8bit` quantize the frozen VLM with bitsandbytes
+        (CUDA). Concept vectors stay float32."""
+        if name in TOY_MODELS and dtype == "auto":
+            dtype = torch.float32  # the toys are tiny, and their packaged results are float32 ones
+        plan = load_plan(
+            device=device, dtype=dtype, device_map=device_map, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit
+        )
         location, model_id = resolve_model(name)
         if location == name:  # neither a toy model nor a local folder: a hub id
             check_model_name(name)
@@ -72,10 +90,10 @@ class PersonalizedVLM:
             raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}{did_you_mean(name)}") from None
         backend = backend_for(config.model_type)
         with _quiet_loading(name in TOY_MODELS):
-            model = backend.model_class.from_pretrained(location, dtype=dtype)
+            model = backend.model_class.from_pretrained(location, **plan.model_kwargs)
             processor = backend.processor_class.from_pretrained(location)
-        if device is not None:
-            model.to(device)
+        if plan.move_to is not None:
+            model.to(plan.move_to)
         vlm = cls(model, processor, model_id)
         if model_id in TOY_MODELS:
             from myvlm.toyworld.world import NAMES

@@ -167,6 +167,7 @@ def train_concept(
     seed: int = 0,
     resume: bool = False,
     vlm: PersonalizedVLM | None = None,
+    load_options: dict | None = None,
 ) -> ConceptTraining:
     """Train and store the concept's embedding. The best vector so far is saved as an incomplete entry every
     CHECKPOINT_EVERY steps and on Ctrl-C; `resume` continues from it (with a fresh optimizer) up to `steps`."""
@@ -174,7 +175,7 @@ def train_concept(
     TrainingConfig(task=task, steps=steps, seed=seed)  # check the settings before loading anything
     paths, caption_map = training_photos(images, captions)
     photos = [load_image(p) for p in paths]
-    vlm = vlm or load(model)
+    vlm = vlm or load(model, **(load_options or {}))  # load_options: myvlm.load's
     done, init = 0, None
     if resume:
         done, init = resume_point(library, concept, vlm, task, steps)
@@ -279,6 +280,7 @@ def train_together(
     steps: int = 100,
     seed: int = 0,
     vlm: PersonalizedVLM | None = None,
+    load_options: dict | None = None,
 ) -> TogetherTraining:
     """Fine-tune the embeddings of concepts already trained alone on photos that show them together (plus, best,
     their own photos), so that one caption names them all. The new embeddings are stored only if every step ran and
@@ -289,7 +291,7 @@ def train_together(
     concepts = [library.get(name) for name in names]
     TrainingConfig(steps=steps, seed=seed)  # check the settings before loading anything
     images, examples, present = together_photos(captions, concepts)
-    vlm = vlm or load(model)
+    vlm = vlm or load(model, **(load_options or {}))  # load_options: myvlm.load's
     entries = {}
     for concept in concepts:
         entry = concept.embedding(vlm.model_id)

@@ -79,8 +79,12 @@ def two_concept_examples(concepts: list[Concept], n: int = 10, seed: int = 0, tr
     return [_example(base + i, concepts=tuple(concepts[:2])) for i in range(n)]
 
 
-def export_dataset(out_dir, n_concepts: int = 2, seed: int = 0) -> Path:
-    """Write a personalization dataset in the MyVLM layout and return its folder.
+LAYOUTS = ("myvlm", "yollava", "both")
+
+
+def export_dataset(out_dir, n_concepts: int = 2, seed: int = 0, layout: str = "myvlm") -> Path:
+    """Write a personalization dataset in the MyVLM layout (`layout="yollava"`: the Yo'LLaVA layout, see
+    `export_yollava`; `"both"`: each in its own subfolder, `myvlm/` and `yollava/`) and return its folder.
 
     Layout (every folder of images has a ``captions.json``: image file name -> list of captions)::
 
@@ -95,7 +99,15 @@ def export_dataset(out_dir, n_concepts: int = 2, seed: int = 0) -> Path:
 
     Personalized captions name the concept by its identifier in subject position; negatives keep base captions.
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     out = Path(out_dir)
+    if layout == "both":
+        export_dataset(out / "myvlm", n_concepts, seed)
+        export_dataset(out / "yollava", n_concepts, seed, layout="yollava")
+        return out
+    if layout == "yollava":
+        return export_yollava(out, n_concepts, seed)
     out.mkdir(parents=True, exist_ok=True)
     data = concept_data(n_concepts, seed)
     graphs: dict[str, dict] = {}
@@ -121,10 +133,18 @@ def export_dataset(out_dir, n_concepts: int = 2, seed: int = 0) -> Path:
         concepts = [d.concept for d in data]
         write("together", two_concept_examples(concepts, 8, seed, training=True), "together_", True)
         write("two_concepts", two_concept_examples(concepts, seed=seed), "pair_", True)
+    _write_index(out, data, seed)
+    (out / "scene_graphs.json").write_text(json.dumps(graphs, indent=1) + "\n")
+    return out
+
+
+def _write_index(out: Path, data: list[ConceptData], seed: int) -> None:
+    """concepts.json: identifier, description, class word (the shape, the word base captions use) and attributes."""
     index = [
         {
             "identifier": d.concept.identifier,
             "description": d.concept.describe(),
+            "class_word": d.concept.shape,
             "shape": d.concept.shape,
             "color": d.concept.color,
             "mark": d.concept.mark,
@@ -132,5 +152,48 @@ def export_dataset(out_dir, n_concepts: int = 2, seed: int = 0) -> Path:
         for d in data
     ]
     (out / "concepts.json").write_text(json.dumps({"seed": seed, "concepts": index}, indent=2) + "\n")
-    (out / "scene_graphs.json").write_text(json.dumps(graphs, indent=1) + "\n")
+
+
+def export_yollava(out_dir, n_concepts: int = 2, seed: int = 0, n_test: int = 10) -> Path:
+    """Write the toy world in the layout of Yo'LLaVA's released data and return its folder::
+
+        train/<identifier>/*.png + captions.json   the 4 training photos (Yo'LLaVA ships no captions; myvlm reads
+                                                   them where present)
+        test/<identifier>/*.png                    held-out photos of the concept; every other concept's test photos
+                                                   are its negatives
+        yollava-visual-qa.json                     identifier -> "test/<identifier>/<file>" -> {"question",
+                                                   "options": {"A", "B"}, "correct_answer"}
+        concepts.json                              as in the MyVLM layout
+
+    Questions ask the concept's colour and shape, one right and one wrong option each (A and B alternate)."""
+    out = Path(out_dir)
+    data = concept_data(n_concepts, seed, n_positives=n_test, n_negatives=0, n_hard_negatives=0)
+    questions: dict[str, dict] = {}
+    for k, d in enumerate(data):
+        ident = d.concept.identifier
+        train = out / "train" / ident
+        train.mkdir(parents=True, exist_ok=True)
+        captions = {}
+        for i, ex in enumerate(d.train):
+            ex.image.save(train / f"{i}.png")
+            captions[f"{i}.png"] = [ex.caption]
+        (train / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
+        test = out / "test" / ident
+        test.mkdir(parents=True, exist_ok=True)
+        other = data[(k + 1) % len(data)].concept if len(data) > 1 else d.concept
+        wrong = {"color": other.color if other.color != d.concept.color else "gray"}
+        wrong["shape"] = other.shape if other.shape != d.concept.shape else "cloud"
+        questions[ident] = {}
+        for i, ex in enumerate(d.positives):
+            ex.image.save(test / f"{i}.png")
+            attribute = ("color", "shape")[i % 2]
+            right = getattr(d.concept, attribute)
+            options = (right, wrong[attribute]) if i % 4 < 2 else (wrong[attribute], right)
+            questions[ident][f"test/{ident}/{i}.png"] = {
+                "question": f"What {attribute} is {ident}?",
+                "options": {"A": options[0], "B": options[1]},
+                "correct_answer": "A" if options[0] == right else "B",
+            }
+    (out / "yollava-visual-qa.json").write_text(json.dumps(questions, indent=2) + "\n")
+    _write_index(out, data, seed)
     return out
