@@ -189,7 +189,8 @@ def test_bench_trains_with_the_vqa_recipe(toy_data, tmp_path, run_cli):
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert result["task"] == "vqa" and result["gate"] == "oracle"
-    assert result["overall"]["precision"] in (0.0, 1.0)  # oracle: the identifier can only appear on its photos
+    # oracle: the identifier can only appear on its own photos, so each concept's precision is 1 (or 0: never named)
+    assert all(row["precision"] in (0.0, 1.0) for row in result["concepts"])
 
 
 # --- 4. the GPU check's code path -----------------------------------------------------------------------------------

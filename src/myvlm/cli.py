@@ -391,7 +391,7 @@ def cmd_train(args) -> None:
     from myvlm.hub import check_model_name
 
     check_model_name(args.model)
-    from myvlm.personalize import TrainingInterrupted, train_concept, train_together
+    from myvlm.personalize import MissingClassWord, TrainingInterrupted, train_concept, train_together
 
     captions = args.captions or []
     if len(args.name) > 1:
@@ -430,11 +430,6 @@ def cmd_train(args) -> None:
     if not args.images and not captions:
         raise MyVLMError("give the training photos with --images, or a concept folder's captions.json with --captions")
     library = _library(args)
-    if not captions and not library.get(args.name[0]).class_word:
-        raise MyVLMError(
-            f"concept '{args.name[0]}' has no class word; give --captions, or set it with "
-            f"`myvlm concept edit {args.name[0]} --class-word WORD`"
-        )
     _note_retraining(library, args.name[0], args.model, args.resume)
     try:
         done = train_concept(
@@ -451,6 +446,11 @@ def cmd_train(args) -> None:
         )
     except TrainingInterrupted as interrupted:
         raise KeyboardInterrupt(f"{interrupted}; continue with `myvlm train ... --resume`") from None
+    except MissingClassWord:
+        raise MyVLMError(
+            f"concept '{args.name[0]}' has no class word; give --captions, or set it with "
+            f"`myvlm concept edit {args.name[0]} --class-word WORD`"
+        ) from None
     note = f" ({done.stopped_early})" if done.stopped_early else ""
     print(f"trained '{done.name}' for {done.model_id}: {done.steps} steps, loss {done.final_loss:.3f}{note}")
 

@@ -69,7 +69,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = LOAD_PIXELS) ->
     original = (round(image.width * draft_factor), round(image.height * draft_factor))  # rotated, before reduction
     if max_pixels is not None and image.width * image.height > max_pixels:
         scale = math.sqrt(max_pixels / (image.width * image.height))
-        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        size = (max(MIN_SIDE, int(image.width * scale)), max(MIN_SIDE, int(image.height * scale)))
         image = image.resize(size, Image.LANCZOS, reducing_gap=2.0)
     image.info["original_size"] = original
     return image

@@ -105,7 +105,7 @@ def build_examples(
             examples.append(Example(index, tuple(named)))
     else:
         if not concept.class_word:
-            raise MyVLMError(f"concept '{concept.name}' has no class word; give captions or set its class word")
+            raise MissingClassWord(f"concept '{concept.name}' has no class word; give captions or set its class word")
         base = vlm.caption(photos, [[] for _ in photos], progress=True)
         for index, (name, caption) in enumerate(zip(names, base, strict=True)):
             named = name_class_word(caption.text, concept.class_word, concept.identifier)
@@ -145,6 +145,11 @@ class ConceptTraining:
     steps: int
     final_loss: float
     stopped_early: str | None = None
+
+
+class MissingClassWord(MyVLMError):
+    """Training from photos without captions needs the class word, to put the identifier where the base caption
+    says it."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
