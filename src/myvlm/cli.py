@@ -142,7 +142,7 @@ def _check_identifier(library, identifier: str, name: str | None = None) -> str:
 def _build_head(args, kind: str):
     """The concept head from --images (and --negatives, --encoder), saying what it does while it takes its time."""
     from myvlm.library import build_head
-    from myvlm.model import resolve_encoder
+    from myvlm.vision_encoder import PREFIX
 
     if args.negatives and kind == "person":
         raise MyVLMError("--negatives is for object concepts; a person is told apart by the faces enrolled")
@@ -150,7 +150,12 @@ def _build_head(args, kind: str):
     negatives = _load_images(args.negatives, skip_bad=True)[0] if args.negatives else None
     what = "enrolling the faces of" if kind == "person" else "building the object head from"
     print(f"myvlm: {what} {len(images)} photos...", file=sys.stderr, flush=True)
-    head = build_head(kind, images, negatives, sources=names, encoder=resolve_encoder(args.encoder))
+    encoder = args.encoder
+    if encoder.startswith(PREFIX):  # a VLM's own vision tower; anything else needs no VLM code (transformers: ~7 s)
+        from myvlm.model import resolve_encoder
+
+        encoder = resolve_encoder(encoder)
+    head = build_head(kind, images, negatives, sources=names, encoder=encoder)
     for note in head.notes:
         print(f"myvlm: warning: {note}", file=sys.stderr)
     return head, len(images)
