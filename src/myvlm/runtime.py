@@ -91,17 +91,19 @@ def load_plan(
     if load_in_4bit and load_in_8bit:
         raise MyVLMError("choose one of 4-bit and 8-bit loading, not both")
     quantized = load_in_4bit or load_in_8bit
+    if device_map is not None and device_map != "auto" and not isinstance(device_map, dict):
+        raise MyVLMError(f"unknown device map '{device_map}'; use auto")
+    if quantized and not torch.cuda.is_available():  # the first thing to say on a machine without a GPU
+        raise MyVLMError(
+            f"{4 if load_in_4bit else 8}-bit loading needs a CUDA GPU and bitsandbytes ({GPU_EXTRA}); this machine "
+            "has no CUDA GPU, load in bfloat16 or float32 instead"
+        )
     if quantized or device_map is not None:
         needed = "4-bit loading" if load_in_4bit else "8-bit loading" if load_in_8bit else "--device-map"
         if importlib.util.find_spec("accelerate") is None:
             raise MyVLMError(f"{needed} needs accelerate; {GPU_EXTRA}")
     if quantized:
         bits = 4 if load_in_4bit else 8
-        if not torch.cuda.is_available():
-            raise MyVLMError(
-                f"{bits}-bit loading needs a CUDA GPU and bitsandbytes ({GPU_EXTRA}); this machine has no CUDA GPU, "
-                "load in bfloat16 or float32 instead"
-            )
         if importlib.util.find_spec("bitsandbytes") is None:
             raise MyVLMError(f"{bits}-bit loading needs bitsandbytes; {GPU_EXTRA}")
     chosen = resolve_device(device)
@@ -122,8 +124,6 @@ def load_plan(
             else BitsAndBytesConfig(load_in_8bit=True)
         )
     if device_map is not None:
-        if device_map != "auto" and not isinstance(device_map, dict):
-            raise MyVLMError(f"unknown device map '{device_map}'; use auto")
         kwargs["device_map"] = device_map
         return LoadPlan(kwargs, None)
     if quantized:  # bitsandbytes places the weights while loading; a quantized model cannot be moved afterwards
