@@ -128,17 +128,6 @@ def _load_options(args) -> dict:
 
 
 # --- concept management ---------------------------------------------------------------------------------------------
-def _check_identifier(library, identifier: str, name: str | None = None) -> str:
-    """Refuse a bad or taken identifier before any photo is read or head built."""
-    from myvlm.library import check_name
-
-    identifier = check_name(identifier, "identifier")
-    for other in library.concepts():
-        if other.name != name and other.identifier.casefold() == identifier.casefold():
-            raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other.name}'")
-    return identifier
-
-
 def _build_head(args, kind: str):
     """The concept head from --images (and --negatives, --encoder), saying what it does while it takes its time."""
     from myvlm.library import build_head
@@ -170,7 +159,7 @@ def cmd_concept_add(args) -> None:
     name = check_name(args.name)
     if name in library:
         raise MyVLMError(f"a concept named '{name}' already exists; remove it first or pick a new name")
-    identifier = _check_identifier(library, args.identifier or name)
+    identifier = library.check_identifier(args.identifier or name)  # before any photo is read
     class_word = check_name(args.class_word, "class word") if args.class_word is not None else None
     head, count = _build_head(args, args.kind)
     kin, recalibrated = {}, []
@@ -197,7 +186,7 @@ def cmd_concept_edit(args) -> None:
         raise MyVLMError("nothing to change; give --identifier, --class-word or --images")
     if args.negatives and not args.images:
         raise MyVLMError("--negatives go with --images, which rebuild the concept's head")
-    identifier = _check_identifier(library, args.identifier, concept.name) if args.identifier is not None else None
+    identifier = library.check_identifier(args.identifier, concept.name) if args.identifier is not None else None
     class_word = check_name(args.class_word, "class word") if args.class_word is not None else None
     if args.images:
         head, count = _build_head(args, concept.kind)
@@ -288,12 +277,16 @@ def cmd_concept_remove(args) -> None:
 
 
 def _vision_towers(heads) -> dict:
-    """The VLM vision towers object heads score with (`vision-tower:MODEL`), loaded once each."""
-    from myvlm.heads import ObjectHead
+    """The VLM vision towers object heads score with (`vision-tower:MODEL`), loaded once each; VLM code (transformers,
+    ~7 s to import) is loaded only when a head needs it."""
+    from myvlm.vision_encoder import tower_encoder_names
+
+    names = tower_encoder_names(heads.values())
+    if not names:
+        return {}
     from myvlm.model import resolve_encoder
 
-    names = {h.encoder_name for h in heads.values() if isinstance(h, ObjectHead)}
-    return {n: resolve_encoder(n) for n in sorted(names) if n.startswith("vision-tower:")}
+    return {n: resolve_encoder(n) for n in names}
 
 
 def _file_box(box, image) -> list[float] | None:

@@ -9,11 +9,11 @@ import os
 from pathlib import Path
 
 from myvlm.errors import MyVLMError
+from myvlm.toynames import TOY_MODELS
 
-TOY_NAMES = ("toy-llava", "toy-blip2")
 # Names a "did you mean" can suggest.
 KNOWN_MODELS = (
-    *TOY_NAMES,
+    *TOY_MODELS,
     "Salesforce/blip2-opt-2.7b",
     "Salesforce/blip2-opt-6.7b",
     "Salesforce/blip2-flan-t5-xl",
@@ -60,7 +60,7 @@ def check_hub_model(name: str) -> None:
 
 def check_model_name(name: str) -> None:
     """What can be checked of a --model before loading torch: a hub id (not a toy name, not a local folder)."""
-    if name in TOY_NAMES or Path(name).expanduser().exists():
+    if name in TOY_MODELS or Path(name).expanduser().exists():
         return
     if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:  # a path, not owner/model
         raise MyVLMError(f"cannot load model '{name}': no such folder")

@@ -281,6 +281,19 @@ class ConceptLibrary:
         raw = read_bytes(path)
         return Concept.from_manifest(parse_json(path, raw), path), raw
 
+    def check_identifier(self, identifier: str, owner: str | None = None) -> str:
+        """The identifier, checked and free: no concept but `owner` says it (read from the manifests alone, so it is
+        cheap enough to call before a head is built; a damaged manifest holds no identifier to compare)."""
+        identifier = check_name(identifier, "identifier")
+        for other in self._names():
+            try:
+                used = self._manifest(other)[0].identifier
+            except MyVLMError:
+                continue
+            if other != owner and used.casefold() == identifier.casefold():
+                raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other}'")
+        return identifier
+
     def _checked(self, concept: Concept, filename: str) -> bytes:
         path = self._file(concept.name, filename)
         data = read_bytes(path)
@@ -469,12 +482,7 @@ class ConceptLibrary:
             for other in self._names():
                 if other.casefold() == name.casefold():
                     raise MyVLMError(f"a concept named '{other}' already exists; remove it first or pick a new name")
-                try:
-                    used = self._manifest(other)[0].identifier
-                except MyVLMError:  # a damaged manifest holds no identifier to compare
-                    continue
-                if used.casefold() == identifier.casefold():
-                    raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other}'")
+            self.check_identifier(identifier)
             if self._folder(name).exists():
                 raise MyVLMError(f"{self._folder(name)}: exists but is not a concept; move it out of the library")
             concept = Concept(
@@ -515,14 +523,7 @@ class ConceptLibrary:
         with self._locked():
             concept = self.get(name)
             if identifier is not None:
-                for other in self._names():
-                    try:
-                        used = self._manifest(other)[0].identifier
-                    except MyVLMError:  # a damaged manifest holds no identifier to compare
-                        continue
-                    if other != concept.name and used.casefold() == identifier.casefold():
-                        raise MyVLMError(f"identifier '{identifier}' is already used by concept '{other}'")
-                concept.identifier = identifier
+                concept.identifier = self.check_identifier(identifier, owner=concept.name)
             if class_word is not None:
                 concept.class_word = class_word
             write_json_atomic(self._folder(name) / MANIFEST, concept.manifest())

@@ -19,7 +19,7 @@ from myvlm.hub import check_model_name, did_you_mean
 from myvlm.runtime import load_plan
 from myvlm.toynames import TOY_MODELS
 from myvlm.vision_encoder import PREFIX as VISION_TOWER
-from myvlm.vision_encoder import VisionTowerEncoder
+from myvlm.vision_encoder import VisionTowerEncoder, tower_encoder_names
 
 
 def resolve_model(name: str) -> tuple[str, str]:
@@ -142,7 +142,7 @@ class PersonalizedVLM:
 
     def use_library(self, library) -> list[str]:
         """Load every library concept that has an embedding for this model, and its head for detection."""
-        from myvlm.heads import ConceptDetector, ObjectHead
+        from myvlm.heads import ConceptDetector
 
         loaded, heads = [], {}
         for concept in library.concepts():
@@ -153,8 +153,7 @@ class PersonalizedVLM:
             if self.embeddings.load(library, concept.name, self.model_id):
                 loaded.append(concept.name)
         heads = {n: h for n, h in heads.items() if n in self.concepts}
-        names = {h.encoder_name for h in heads.values() if isinstance(h, ObjectHead)}
-        encoders = {n: resolve_encoder(n, self) for n in names if n.startswith(VISION_TOWER)}
+        encoders = {n: resolve_encoder(n, self) for n in tower_encoder_names(heads.values())}
         self.detector = ConceptDetector(heads, encoders) if heads else None
         return loaded
 

@@ -20,6 +20,12 @@ def encoder_name(model_id: str) -> str:
     return f"{PREFIX}{model_id}"
 
 
+def tower_encoder_names(heads) -> list[str]:
+    """The `vision-tower:MODEL` encoders that these heads' object heads score with (face heads have none)."""
+    names = {getattr(head, "encoder_name", "") for head in heads}
+    return sorted(name for name in names if name.startswith(PREFIX))
+
+
 class VisionTowerEncoder:
     """The last vision layer's patch features as regions (the mean of all patches first): a concept's distinguishing
     mark covers a few patches, and a probe scored at the best patch sees it where a pooled embedding averages it away.
