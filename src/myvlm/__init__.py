@@ -21,7 +21,6 @@ _EXPORTS = {
     "CAPTION": "myvlm.backends",
     "VQA": "myvlm.backends",
     "Backend": "myvlm.backends",
-    "register_backend": "myvlm.backends",
     "load_image": "myvlm.images",
     "Concept": "myvlm.library",
     "ConceptLibrary": "myvlm.library",

@@ -70,7 +70,7 @@ class PersonalizedVLM:
         load_in_4bit: bool = False,
         load_in_8bit: bool = False,
     ) -> PersonalizedVLM:
-        """Load a BLIP-2 or LLaVA model by hub id, local folder, or `toy-llava` / `toy-blip2`.
+        """Load a supported VLM (README, "How the concept enters") by hub id, local folder, or a toy model name.
 
         `device`: auto/cpu/cuda[:i]/mps (None: where HF puts it, the CPU); `dtype`: auto/bfloat16/float16/float32
         or a torch dtype (auto: bfloat16 on CUDA, float32 for the toy models); `device_map="auto"` spreads a model
@@ -91,7 +91,7 @@ class PersonalizedVLM:
         backend = backend_for(config.model_type)
         with _quiet_loading(name in TOY_MODELS):
             model = backend.model_class.from_pretrained(location, **plan.model_kwargs)
-            processor = backend.processor_class.from_pretrained(location)
+            processor = backend.load_processor(location)
         if plan.move_to is not None:
             model.to(plan.move_to)
         vlm = cls(model, processor, model_id)

@@ -36,13 +36,11 @@ class VisionTowerEncoder:
     def __init__(self, backend, model_id: str) -> None:
         self.backend = backend
         self.name = encoder_name(model_id)
-        self.tower = backend.vision_tower
-        self.dim = self.tower.config.hidden_size
+        self.dim = backend.tower_width
 
     @torch.no_grad()
     def embed_regions(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        pixels = self.backend.pixel_values(images).to(self.backend.device, self.backend.dtype)
-        patches = self.tower(pixel_values=pixels).last_hidden_state[:, 1:].float()
+        patches = self.backend.tower_patches(images).float()
         return F.normalize(torch.cat([patches.mean(dim=1, keepdim=True), patches], dim=1), dim=-1).cpu()
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:

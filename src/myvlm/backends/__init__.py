@@ -1,30 +1,14 @@
-"""Registry of VLM families: the backend is picked from the model's config, so adding a family is one new file."""
+"""Registry of VLM families: the backend is picked from the model's `model_type`. Every module in this package is
+imported here, and each backend class registers its model types itself, so adding a family is adding one file."""
 
 from __future__ import annotations
 
-from myvlm.backends.base import CAPTION, TASKS, VQA, Backend, Batch, Injection
-from myvlm.backends.blip2 import Blip2Backend
-from myvlm.backends.llava import LlavaBackend
-from myvlm.errors import MyVLMError
+import importlib
+import pkgutil
 
-BACKENDS: dict[str, type[Backend]] = {}
+from myvlm.backends.base import BACKENDS, CAPTION, TASKS, VQA, Backend, Batch, Injection, backend_for
 
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
-def register_backend(backend: type[Backend]) -> type[Backend]:
-    for model_type in backend.model_types:
-        BACKENDS[model_type] = backend
-    return backend
-
-
-def backend_for(model_type: str) -> type[Backend]:
-    try:
-        return BACKENDS[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(BACKENDS))
-        raise MyVLMError(f"model type '{model_type}' is not supported (supported: {supported})") from None
-
-
-register_backend(Blip2Backend)
-register_backend(LlavaBackend)
-
-__all__ = ["CAPTION", "TASKS", "VQA", "Backend", "Batch", "Injection", "backend_for", "register_backend"]
+__all__ = ["BACKENDS", "CAPTION", "TASKS", "VQA", "Backend", "Batch", "Injection", "backend_for"]

@@ -17,10 +17,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from myvlm.backends.attention import RUNNING
 from myvlm.errors import MyVLMError
 
 CAPTION, VQA = "caption", "vqa"
 TASKS = (CAPTION, VQA)
+# model_type -> backend; every Backend subclass that declares `model_types` registers itself when its file is imported.
+BACKENDS: dict[str, type[Backend]] = {}
+
+
+def backend_for(model_type: str) -> type[Backend]:
+    try:
+        return BACKENDS[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(BACKENDS))
+        raise MyVLMError(f"model type '{model_type}' is not supported (supported: {supported})") from None
 
 
 @dataclass
@@ -69,6 +80,17 @@ class Backend:
     # The per-forward state this family's hooks use (a subclass of Injection where they pass values on).
     injection_class: ClassVar[type[Injection]] = Injection
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for model_type in cls.__dict__.get("model_types", ()):
+            BACKENDS[model_type] = cls
+
+    @classmethod
+    def load_processor(cls, location: str):
+        """The family's processor from a model folder or hub id (families override it where the stock loader needs
+        more than images do, e.g. a torchvision video processor)."""
+        return cls.processor_class.from_pretrained(location)
+
     def __init__(self, model: torch.nn.Module, processor) -> None:
         self.model = model
         self.processor = processor
@@ -87,6 +109,16 @@ class Backend:
     def vision_tower(self) -> torch.nn.Module:
         """The frozen vision encoder (its `last_hidden_state` is [B, 1 + patches, width]), e.g. for object heads."""
         raise NotImplementedError
+
+    def tower_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """[B, patches, width] features of the vision tower's last layer (no CLS token), for object heads that reuse
+        the tower. Families whose towers take other inputs override it."""
+        pixels = self.pixel_values(images).to(self.device, self.dtype)
+        return self.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
+
+    @property
+    def tower_width(self) -> int:
+        return self.vision_tower.config.hidden_size
 
     def _register_hooks(self) -> None:
         raise NotImplementedError
@@ -121,9 +153,11 @@ class Backend:
         if self._injection is not None:
             raise RuntimeError("concepts are already being injected; inject() does not nest")
         self._injection = self.injection_class(list(vectors), record_attention=record_attention, batch=batch)
+        running = RUNNING.set(self)
         try:
             yield self._injection
         finally:
+            RUNNING.reset(running)
             self._injection = None
 
     def remove_hooks(self) -> None:
@@ -152,12 +186,19 @@ class Backend:
         return self.processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
 
     def answer_ids(self, prompt: str, answer: str) -> list[int]:
-        """Token ids of the answer + EOS: tokenize prompt and answer together (natural spacing), keep the tail."""
+        """Token ids of the answer + EOS: tokenize prompt and answer together (natural spacing), keep the tail. A
+        prompt ending in whitespace (a chat template's assistant turn) takes the answer as it is."""
         prompt_ids = self.tokenizer(prompt).input_ids
-        full_ids = self.tokenizer(f"{prompt} {answer}" if prompt else answer).input_ids
+        joined = f"{prompt}{answer}" if not prompt or prompt[-1].isspace() else f"{prompt} {answer}"
+        full_ids = self.tokenizer(joined).input_ids
         if full_ids[: len(prompt_ids)] != prompt_ids:
             raise MyVLMError("the tokenizer merges the prompt with the answer; end prompts with a space or colon")
-        return full_ids[len(prompt_ids) :] + [self.tokenizer.eos_token_id]
+        return full_ids[len(prompt_ids) :] + [self.answer_end_id]
+
+    @property
+    def answer_end_id(self) -> int:
+        """The token that ends an answer (chat families: their end-of-turn token, which generation stops on)."""
+        return self.tokenizer.eos_token_id
 
     def pad(self, rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
         width = max(len(r) for r in rows)
@@ -182,9 +223,11 @@ class Backend:
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
     def model_inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
-        inputs = {k: v.to(self.device) for k, v in batch.inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        return inputs
+        """The batch on the model's device, its float inputs (pixels) in the model's dtype."""
+        return {
+            k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
+            for k, v in batch.inputs.items()
+        }
 
     def _running(self, batch: Batch) -> None:
         """Tell the active injection (if any) which batch is running, for hooks that need its positions or mask."""

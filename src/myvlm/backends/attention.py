@@ -1,0 +1,109 @@
+"""The regularizer's attention probe for any HF language model, read from the layer's own queries and keys.
+
+The language model's attention implementation (sdpa, eager, flash, ...) is wrapped under a new registered name: the
+wrapper calls the original function with the original arguments, so outputs are bit-identical and fast kernels stay
+on, and while an injection records attention it recomputes, for the concept tokens' rows only, the softmax from the
+query and key states the layer hands its kernel. Those states already carry the family's own projections, norms and
+rotary variant (1-D RoPE, M-RoPE, ...), the cached prefix's keys, and the layer's mask (causal, padding, sliding
+window, bidirectional image blocks), so no family needs its own copy of that arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextvars
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PREFIX = "myvlm_probe:"
+# The backend whose injection is running (set by Backend.inject); its hooks_off() silences the probe.
+RUNNING: contextvars.ContextVar = contextvars.ContextVar("myvlm_running", default=None)
+
+
+def probing_name(original: str) -> str:
+    """Register (once) a probing wrapper around attention implementation `original`, and return its name."""
+    name = f"{PREFIX}{original}"
+    if name not in ALL_ATTENTION_FUNCTIONS:
+        wrapped = ALL_ATTENTION_FUNCTIONS[original] if original != "eager" else None
+
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            function = wrapped or _eager(module)
+            output = function(module, query, key, value, attention_mask, **kwargs)
+            backend = RUNNING.get()
+            injection = backend.injection if backend is not None else None
+            if (
+                injection is not None
+                and injection.record_attention
+                and injection.any
+                and module.config is backend.probe_config
+            ):
+                injection.attention_terms.append(concept_attention_term(injection, query, key, attention_mask, kwargs))
+            return output
+
+        AttentionInterface.register(name, attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+    return name
+
+
+def _eager(module):
+    """The family's own eager attention (some families scale or cap it their way), found in its modeling module."""
+    import sys
+
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+class AttentionProbe:
+    """Installs the probing wrapper on a language model config; `remove()` restores the original implementation."""
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.install()
+
+    def install(self) -> None:
+        current = self.config._attn_implementation or "eager"
+        if not current.startswith(PREFIX):
+            self.original = current
+            self.config._attn_implementation = probing_name(current)
+
+    def remove(self) -> None:
+        self.config._attn_implementation = self.original
+
+
+def concept_attention_term(injection, query, key, attention_mask, kwargs) -> torch.Tensor:
+    """Σ over samples and concept rows of mean(p²) over heads and all key positions (the official normalization).
+
+    query [B, H, S, d] (this pass's rows), key [B, KV, T, d] (with any cached prefix); the concept rows are
+    full-sequence positions, so row r of the sequence is query row r - (T - S)."""
+    batch = injection.batch
+    if batch is None:
+        raise RuntimeError("recording attention needs the batch: pass it to inject()/activate(), or use loss()")
+    heads, kv_heads = query.shape[1], key.shape[1]
+    keys_total, offset = key.shape[2], key.shape[2] - query.shape[2]
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    softcap = kwargs.get("softcap")
+    padding = batch.inputs["attention_mask"].to(query.device)
+    terms = []
+    for b, rows in enumerate(batch.concept_positions):
+        k = key[b].repeat_interleave(heads // kv_heads, dim=0)  # [H, T, d]
+        for row in rows:
+            r = row - offset
+            scores = (query[b, :, r : r + 1] @ k.transpose(-1, -2)).float() * scaling  # [H, 1, T]
+            if softcap:
+                scores = torch.tanh(scores / softcap) * softcap
+            scores = _masked(scores, attention_mask, b, r, row, padding[b, :keys_total])
+            probs = scores.softmax(dim=-1)
+            terms.append((probs**2).sum() / (heads * keys_total))
+    return torch.stack(terms).sum() if terms else query.new_zeros((), dtype=torch.float32)
+
+
+def _masked(scores, attention_mask, b: int, r: int, row: int, padding: torch.Tensor) -> torch.Tensor:
+    """The layer's own mask row where it has one (bool: keep, float: additive), else causal plus padding."""
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask[b if attention_mask.shape[0] > 1 else 0, :, r : r + 1]  # [1 or H, 1, T]
+        if mask.dtype == torch.bool:
+            return scores.masked_fill(~mask, float("-inf"))
+        return scores + mask.float()
+    keep = torch.arange(scores.shape[-1], device=scores.device) <= row
+    return scores.masked_fill(~(keep & (padding != 0)), float("-inf"))
