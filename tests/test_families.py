@@ -202,8 +202,8 @@ def test_learned_concept_is_named_exactly_when_switched_on(family):
     result = vlm.learn(identifier, identifier, images, [[example.caption] for example in data.train], progress=False)
     assert result.steps_done == 100
     views = images + [example.image for example in data.positives[:4]]
-    on = [c.text for c in vlm.caption(views, [[identifier]] * len(views), max_new_tokens=12)]
-    off = [c.text for c in vlm.caption(views, [[]] * len(views), max_new_tokens=12)]
+    on = [c.text for c in vlm.caption(views, [[identifier]] * len(views), max_new_tokens=24)]
+    off = [c.text for c in vlm.caption(views, [[]] * len(views), max_new_tokens=24)]
     assert sum(identifier in text for text in on) >= len(views) - 1, on
     assert not any(identifier in text for text in off), off
 
