@@ -17,9 +17,11 @@ The vision tower is SigLIP (no CLS token), for `vision-tower:` heads.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from transformers import (
     Gemma3ForConditionalGeneration,
@@ -56,6 +58,10 @@ class PrefixBlockBackend(SequenceBackend):
     @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
+
+    def merged(self, output, blocks: list[torch.Tensor]):
+        """The model scatters one flat run of features over all image slots: [1, Σ(N + k_b), D]."""
+        return dataclasses.replace(output, pooler_output=torch.cat(blocks)[None])
 
     def tower_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """SigLIP has no CLS token: every position of its last layer is a patch."""
@@ -100,6 +106,19 @@ class Gemma3Backend(PrefixBlockBackend):
     model_types = ("gemma3",)
     model_class = Gemma3ForConditionalGeneration
     processor_class = Gemma3Processor
+
+    def _register_hooks(self) -> None:
+        super()._register_hooks()
+        self._handles.append(self.model.model.register_forward_pre_hook(self._types_from_start, with_kwargs=True))
+
+    def _types_from_start(self, module, args, kwargs):
+        """Gemma 3's block mask reads token types by absolute position, so a run after a cached prefix (cached
+        training) gets the prefix's types in front: all 0, as the split comes before the first image block."""
+        types, cache = kwargs.get("token_type_ids"), kwargs.get("cache")
+        if self.injection is None or types is None or cache is None or not cache.get_seq_length():
+            return None
+        kwargs["token_type_ids"] = F.pad(types, (cache.get_seq_length(), 0))
+        return args, kwargs
 
     def token_inputs(self, ids: list[int], slots: range, prompt_length: int) -> dict[str, list[int]]:
         """Soft image tokens, the concepts among them, are 1: each image's run is one bidirectional block."""
