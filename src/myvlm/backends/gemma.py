@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,8 @@ class PrefixBlockBackend(SequenceBackend):
 
     bidirectional_image = True
     reg_lambda = {CAPTION: 0.0075, VQA: 10.0}
+    # Image processor options that keep one image one block of tokens (no extra crops).
+    image_options: ClassVar[dict] = {}
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         super().__init__(model, processor)
@@ -68,6 +71,9 @@ class PrefixBlockBackend(SequenceBackend):
         pixels = self.pixel_values(images).to(self.device, self.dtype)
         return self.vision_tower(pixel_values=pixels).last_hidden_state
 
+    def pixel_values(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.processor.image_processor(list(images), return_tensors="pt", **self.image_options)["pixel_values"]
+
     def prompt_ids(self, prompt: str, size: tuple[int, int]) -> list[int]:
         """As `apply_chat_template` tokenizes: a prompt that already starts with `<bos>` gets no second one."""
         key = (prompt, size)
@@ -78,6 +84,7 @@ class PrefixBlockBackend(SequenceBackend):
                 text=[prompt],
                 add_special_tokens=not (bos and prompt.startswith(bos)),
                 return_tensors="pt",
+                **self.image_options,
             )
             self._prompt_ids[key] = encoded["input_ids"][0].tolist()
         return self._prompt_ids[key]
@@ -106,6 +113,7 @@ class Gemma3Backend(PrefixBlockBackend):
     model_types = ("gemma3",)
     model_class = Gemma3ForConditionalGeneration
     processor_class = Gemma3Processor
+    image_options = {"do_pan_and_scan": False}  # pan-and-scan crops would each be a block of their own
 
     def _register_hooks(self) -> None:
         super()._register_hooks()
