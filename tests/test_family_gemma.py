@@ -96,3 +96,43 @@ def test_vision_tower_patches_have_no_cls_token(vlm):
     patches = vlm.backend.tower_patches([photo(0), photo(1)])
     config = vlm.backend.vision_tower.config
     assert patches.shape == (2, (config.image_size // config.patch_size) ** 2, vlm.backend.tower_width)
+
+
+def test_paligemma2_regularizer_and_cached_step_follow_softcapped_sliding_attention(tmp_path):
+    """PaliGemma 2's Gemma 2 caps attention logits and alternates sliding-window layers: the probe's terms equal
+    the eager attention weights, and the cached step equals the full one."""
+    from families.gemma import build_paligemma
+
+    vlm = myvlm.load(str(build_paligemma(tmp_path / "pg2", 0, text_model="gemma2")))
+    assert vlm.model.config.text_config.attn_logit_softcapping
+    vlm.model.set_attn_implementation("eager")
+    backend = vlm.backend
+    images = [photo(0), photo(1)]
+    prompts = [backend.prompt("caption", ["Bobby"]), backend.prompt("vqa", question="Where is Bobby ?")]
+    batch = backend.encode(images, prompts, [1, 1], ["Bobby is on the left of a red circle .", "on the left"])
+
+    def step(views=None):
+        v = torch.nn.Parameter(torch.randn(vlm.concept_width, generator=torch.Generator().manual_seed(3)))
+        vlm.add_concept("bobby", "Bobby", v.detach())
+        vlm.concepts.set("bobby", v)
+        with vlm.activate([["bobby"]] * 2, record_attention=True, batch=batch):
+            if views is None:
+                out = vlm.model(**backend.model_inputs(batch), output_attentions=True)
+                loss, attentions = out.loss, out.attentions
+            else:
+                loss, attentions = backend.cached_loss(batch, views), None
+            reg = backend.regularizer("caption")
+        (loss + reg).backward()
+        return (loss.detach(), reg.detach(), v.grad), attentions
+
+    full, attentions = step()
+    lam = backend.reg_lambda["caption"]
+    hand = sum(
+        lam * (layer[b, :, rows[0], :] ** 2).mean()
+        for layer in attentions
+        for b, rows in enumerate(batch.concept_positions)
+    )
+    torch.testing.assert_close(full[1], hand.detach(), rtol=1e-5, atol=1e-9)
+    cached, _ = step(backend.cache_views(images))
+    for ours, theirs in zip(cached, full, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    Gemma2Config,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
     Gemma3Processor,
@@ -83,7 +84,8 @@ def _vision() -> SiglipVisionConfig:
     )
 
 
-def build_paligemma(folder: Path, seed: int) -> Path:
+def build_paligemma(folder: Path, seed: int, text_model: str = "gemma") -> Path:
+    """PaliGemma on Gemma; `text_model="gemma2"` builds PaliGemma 2 (softcapped attention, sliding-window layers)."""
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(
         ["<pad>", "<eos>", "<bos>", "<image>"],
@@ -95,7 +97,9 @@ def build_paligemma(folder: Path, seed: int) -> Path:
     image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     image_processor.image_seq_length = (IMAGE_SIZE // PATCH) ** 2
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc>/<seg>
-    text = GemmaConfig(
+    gemma2 = {"sliding_window": 12, "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 16}
+    text = (Gemma2Config if text_model == "gemma2" else GemmaConfig)(
+        **(gemma2 if text_model == "gemma2" else {}),
         vocab_size=len(processor.tokenizer),
         hidden_size=64,
         intermediate_size=128,
