@@ -39,6 +39,8 @@ class LlavaNextBackend(SequenceBackend):
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         super().__init__(model, processor)
+        if self.tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; batches need it
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         # Generation must stop where answers end (a chat template's end-of-turn token may not be the config's EOS).
         config = model.generation_config
         stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
@@ -69,23 +71,35 @@ class LlavaNextBackend(SequenceBackend):
             instruction = question
         if not self.processor.chat_template:
             return f"USER: <image>\n{instruction} ASSISTANT:"
-        content = [{"type": "image"}, {"type": "text", "text": instruction}]
-        conversation = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return self._chat([self._message("user", instruction, image=True)], add_generation_prompt=True)
 
     @cached_property
     def answer_end_id(self) -> int:
         """The chat template's end of an assistant turn: the first special token it writes after the answer."""
         if not self.processor.chat_template:
             return self.tokenizer.eos_token_id
-        user = {"role": "user", "content": [{"type": "text", "text": "a"}]}
-        prompt = self.processor.apply_chat_template([user], add_generation_prompt=True, tokenize=False)
-        turn = [user, {"role": "assistant", "content": [{"type": "text", "text": "a"}]}]
-        full = self.processor.apply_chat_template(turn, tokenize=False)
+        user = self._message("user", "a")
+        prompt = self._chat([user], add_generation_prompt=True)
+        full = self._chat([user, self._message("assistant", "a")])
         tail = full[len(prompt) :] if full.startswith(prompt) else full
-        special = set(self.tokenizer.all_special_ids)
+        special = set(self.tokenizer.all_special_ids) - {self.tokenizer.unk_token_id, self.tokenizer.pad_token_id}
         ends = [i for i in self.tokenizer(tail, add_special_tokens=False).input_ids if i in special]
         return ends[0] if ends else self.tokenizer.eos_token_id
+
+    @cached_property
+    def _plain_content(self) -> bool:
+        """Whether the chat template takes a message's content as plain text rather than HF's list of parts."""
+        return self.processor.image_token not in self._chat([self._message("user", "a", image=True, plain=False)])
+
+    def _message(self, role: str, text: str, image: bool = False, plain: bool | None = None) -> dict:
+        if self._plain_content if plain is None else plain:
+            return {"role": role, "content": f"{self.processor.image_token}\n{text}" if image else text}
+        return {"role": role, "content": [{"type": "image"}] * image + [{"type": "text", "text": text}]}
+
+    def _chat(self, conversation: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.processor.apply_chat_template(
+            conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
 
 
 class LlavaOnevisionBackend(LlavaNextBackend):
