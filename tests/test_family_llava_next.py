@@ -15,7 +15,7 @@ import myvlm
 from families.llava_next import BUILDERS
 from myvlm.backends.llava_next import ImageOnlyOnevisionProcessor
 
-SIZES = [(48, 48), (30, 64), (64, 24), (20, 20)]  # (width, height): four tile grids, four token counts
+SIZES = [(48, 48), (30, 64), (64, 24), (40, 64)]  # (width, height): four tile grids, four token counts
 TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 

@@ -29,7 +29,7 @@ from myvlm.backends.llava_next import ImageOnlyOnevisionProcessor
 
 DYNAMIC_RESOLUTION = True  # anyres: the tile grid, so the token count, follows the image's aspect ratio
 TILE, PATCH = 32, 8  # a 32 px tower view in 8 px patches: 16 tokens per tile
-PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+PINPOINTS = [[32, 32], [32, 64], [64, 32]]  # a square photo: base view + 1 tile; 2:1 ones: + 2 tiles
 WORDS = (
     "USER ASSISTANT : Please caption this image of and . , ? a an the dog cat mug is on in sleeping sitting sofa "
     "grass table red blue green Bobby Alice Question Answer What Where doing color"
