@@ -76,8 +76,6 @@ def test_prompt_and_answer_end_come_from_the_chat_template(vlm):
     end = {"llava_next": "</s>", "llava_onevision": "<|im_end|>"}[vlm.model.config.model_type]
     assert backend.answer_end_id == backend.tokenizer.convert_tokens_to_ids(end)
     assert backend.answer_ids(expected, "on the sofa .")[-1] == backend.answer_end_id
-    stops = vlm.model.generation_config.eos_token_id  # generation stops where answers end
-    assert backend.answer_end_id in (stops if isinstance(stops, list) else [stops])
 
 
 def test_llava_next_without_chat_template_takes_llava_prompt(tmp_path):

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -17,7 +16,6 @@ from transformers import (
     LlavaNextProcessor,
     LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     SiglipVisionConfig,
 )
@@ -25,15 +23,12 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
+from families import word_tokenizer
 from myvlm.backends.llava_next import ImageOnlyOnevisionProcessor
 
 DYNAMIC_RESOLUTION = True  # anyres: the tile grid, so the token count, follows the image's aspect ratio
 TILE, PATCH = 32, 8  # a 32 px tower view in 8 px patches: 16 tokens per tile
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]  # a square photo: base view + 1 tile; 2:1 ones: + 2 tiles
-WORDS = (
-    "USER ASSISTANT : Please caption this image of and . , ? a an the dog cat mug is on in sleeping sitting sofa "
-    "grass table red blue green Bobby Alice Question Answer What Where doing color"
-).split()
 # LLaVA-v1.6-Mistral's template: images first, then the text, inside [INST] ... [/INST]; answers end with </s>.
 MISTRAL_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
@@ -51,16 +46,6 @@ CHATML_TEMPLATE = (
 )
 
 
-def word_tokenizer(specials: list[str], **named: str) -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(specials + WORDS)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", **named)
-    fast.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in ("<pad>", "<unk>")]})
-    return fast
-
-
 def _untied(model: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():  # tied tiny models repeat their last token; give the head its own weights
         model.lm_head.weight.normal_(0, 0.02)
@@ -70,7 +55,11 @@ def _untied(model: torch.nn.Module) -> torch.nn.Module:
 def build_llava_next(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(
-        ["<pad>", "<unk>", "<s>", "</s>", "<image>", "[INST]", "[/INST]"], bos_token="<s>", eos_token="</s>"
+        ["<pad>", "<s>", "</s>", "<image>", "[INST]", "[/INST]"],
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
     )
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -87,15 +76,15 @@ def build_llava_next(folder: Path, seed: int) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=4,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=PINPOINTS,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
@@ -121,8 +110,10 @@ def build_llava_next(folder: Path, seed: int) -> Path:
 def build_llava_onevision(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(
-        ["<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
+        pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
     )
     vision = SiglipVisionConfig(
         hidden_size=32,
@@ -139,16 +130,16 @@ def build_llava_onevision(folder: Path, seed: int) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        pad_token_id=0,
+        pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
-        eos_token_id=4,
+        eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
-        image_token_index=5,
-        video_token_index=6,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=PINPOINTS,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,

@@ -41,11 +41,6 @@ class LlavaNextBackend(SequenceBackend):
         super().__init__(model, processor)
         if self.tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; batches need it
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        # Generation must stop where answers end (a chat template's end-of-turn token may not be the config's EOS).
-        config = model.generation_config
-        stops = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        if self.answer_end_id not in stops:
-            config.eos_token_id = [s for s in stops if s is not None] + [self.answer_end_id]
 
     @property
     def vision_tower(self) -> torch.nn.Module:
