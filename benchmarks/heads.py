@@ -27,17 +27,19 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from myvlm.heads import embed_regions, get_encoder, get_face_backend
 from myvlm.heads.faces import MIN_THRESHOLD_FRACTION, SPREAD_FACTOR
 from myvlm.heads.objects import (
     LOO_STD_FACTOR,
-    VIEW_COUNTS,
-    augmented_views,
+    VIEWS_PER_PHOTO,
     calibrate_threshold,
     generic_negative_features,
     leave_one_out_scores,
+    photo_view_features,
     prototype,
+    view_counts,
     with_real_negatives,
 )
 from myvlm.heads.regions import best_region_scores
@@ -147,26 +149,30 @@ def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
 
 
 def object_features(data: Path, views: int, cache: Path | None) -> dict:
-    """Region features of every photo, features of `views` augmented views of every subject photo (the library's
-    view families in its proportions), and the procedural negatives' features."""
+    """Region features of every photo, each subject photo's own and `views` augmented views' features made by
+    `photo_view_features` as `concept add` makes them, and the procedural negatives' features."""
     if cache is not None and cache.exists():
-        return torch.load(cache)
+        features = torch.load(cache)
+        if features.get("views_per_photo") != views:
+            raise SystemExit(f"{cache} holds {features.get('views_per_photo')} views per photo, not {views}")
+        return features
     encoder = get_encoder()
     subjects = sorted(p.name for p in (data / "dreambooth").iterdir() if p.is_dir())
     items = [(s, p) for s in subjects for p in collect_images([data / "dreambooth" / s])]
     items += [("negatives", p) for p in collect_images([data / "negatives"])]
     images = [load_image(p) for _, p in items]
-    embed_views = getattr(encoder, "embed_views", encoder.embed)  # as ObjectHead.train encodes them
-    total = sum(VIEW_COUNTS.values())
-    counts = {family: max(1, round(count * views / total)) for family, count in VIEW_COUNTS.items()}
+    regions = embed_regions(encoder, images)
     view_features = [
-        None if owner == "negatives" else embed_views(augmented_views(image, random.Random(index), counts))
-        for index, ((owner, _), image) in enumerate(zip(items, images, strict=True))
+        None if owner == "negatives" else photo_view_features(encoder, image, photo_regions[:1], views)
+        for (owner, _), image, photo_regions in tqdm(
+            list(zip(items, images, regions, strict=True)), desc="augmented views", unit="photo", disable=None
+        )
     ]
     features = {
         "items": [(s, str(p)) for s, p in items],
-        "regions": embed_regions(encoder, images),
+        "regions": regions,
         "views": view_features,
+        "views_per_photo": views,
         "generic": generic_negative_features(encoder),
     }
     if cache is not None:
@@ -188,7 +194,7 @@ class ObjectBench:
             for fold in range(min(FOLDS, len(photos))):
                 train = (photos[fold:] + photos[:fold])[:OBJECT_SHOTS]
                 regions = [self.regions[i] for i in train]
-                views = [torch.cat([self.regions[i][:1], features["views"][i]]) for i in train]
+                views = [features["views"][i] for i in train]
                 direction = prototype(torch.cat(views))
                 self.heads[subject, fold] = {
                     "train": train,
@@ -299,7 +305,8 @@ def benchmark_objects(data: Path, views: int, splits: int, cache: Path | None) -
         name: bench.counts(shipped, sorted(group), within=group, rivals=True) for name, group in GROUPS.items()
     }
     lines = [
-        f"Objects (EfficientNet-Lite0, {OBJECT_SHOTS} training photos, {views} augmented views per photo, "
+        f"Objects (EfficientNet-Lite0, {OBJECT_SHOTS} training photos, {views} augmented views per photo "
+        f"({', '.join(f'{count} {family}' for family, count in view_counts(views).items())}), "
         f"{len(bench.items)} photos, rules: std factor x band low x band high, {len(rules)} rules; {splits} random "
         f"splits of the 20 subjects into halves, both ways; {time.perf_counter() - started:.0f} s):",
         "",
@@ -436,7 +443,9 @@ def write_section(lines: list[str], path: Path = ROOT / "RESULTS.md") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent.parent / "shared" / "data")
-    parser.add_argument("--views", type=int, default=sum(VIEW_COUNTS.values()), help="augmented views per photo")
+    parser.add_argument(
+        "--views", type=int, default=VIEWS_PER_PHOTO, help="augmented views per photo (default: concept add's)"
+    )
     parser.add_argument("--splits", type=int, default=10, help="random splits of the subjects into halves")
     parser.add_argument("--cache", type=Path, help="feature cache file (written once, then read)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
