@@ -191,7 +191,8 @@ class ObjectBench:
         self.subjects = sorted({s for s, _ in self.items} - {"negatives"})
         self.classes = classes
         self.index = {s: [i for i, (o, _) in enumerate(self.items) if o == s] for s in self.subjects}
-        self.heads = {}
+        self.heads, self.thresholds = {}, {}
+        self.owners = {s: torch.tensor([owner == s for owner, _ in self.items]) for s in self.subjects}
         for subject in self.subjects:
             photos = self.index[subject]
             for fold in range(min(FOLDS, len(photos))):
@@ -210,6 +211,13 @@ class ObjectBench:
         return range(min(FOLDS, len(self.index[subject])))
 
     def threshold(self, rule, subject: str, fold: int, rivals=()) -> float:
+        """Memoized: every split asks again for the same (rule, head), and calibrating is most of the run's time."""
+        key = (rule, subject, fold, tuple(rivals))
+        if key not in self.thresholds:
+            self.thresholds[key] = self.calibrated(rule, subject, fold, rivals)
+        return self.thresholds[key]
+
+    def calibrated(self, rule, subject: str, fold: int, rivals) -> float:
         head = self.heads[subject, fold]
         threshold, stats = calibrate_threshold(head["held_out"], head["generic"], rule[1:], rule[0])
         if rivals:  # enrolment photos of concepts sharing the class word, as `calibrate_together` uses them
@@ -229,13 +237,16 @@ class ObjectBench:
                 keep = torch.ones(len(self.items), dtype=torch.bool)
                 keep[head["train"] + [i for other in kin for i in self.heads[other, 0]["train"]]] = False
                 if within is not None:
-                    keep &= torch.tensor([owner in within for owner, _ in self.items])
-                truth = torch.tensor([owner == subject for owner, _ in self.items])
+                    keep &= self.owners_in(within)
+                truth = self.owners[subject]
                 hit = head["scores"] >= threshold + torch.where(truth, margin, -margin)
                 tp += int((hit & truth & keep).sum())
                 fp += int((hit & ~truth & keep).sum())
                 fn += int((~hit & truth & keep).sum())
         return [tp, fp, fn]
+
+    def owners_in(self, group) -> torch.Tensor:
+        return torch.tensor([owner in group for owner, _ in self.items])
 
     def mean_threshold(self, rule, subjects) -> float:
         values = [self.threshold(rule, s, f) for s in subjects for f in self.folds(s)]
