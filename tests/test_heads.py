@@ -21,10 +21,13 @@ from myvlm.heads import (
     register_encoder,
 )
 from myvlm.heads.objects import (
+    VIEWS_PER_PHOTO,
     augmented_views,
     calibrate_threshold,
     generic_negative_images,
     leave_one_out_scores,
+    photo_view_features,
+    view_counts,
     with_real_negatives,
 )
 
@@ -122,6 +125,23 @@ def test_views_and_generic_negatives_are_deterministic():
     counts = {"geometric": 2, "colour": 1, "zoom_out": 1}
     views = [augmented_views(first[1], random.Random(7), counts) for _ in range(2)]
     assert len(views[0]) == 4 and [view.tobytes() for view in views[0]] == [view.tobytes() for view in views[1]]
+    assert sum(view_counts().values()) == VIEWS_PER_PHOTO
+    assert view_counts(44) == {"geometric": 24, "colour": 12, "zoom_out": 8}
+
+
+def test_a_photos_views_do_not_depend_on_the_other_photos(colour_encoder):
+    """Views are drawn from each photo's own pixels: the head is the same in any order, and benchmarks/heads.py
+    (which computes each photo's views once for every fold) measures the views `concept add` makes."""
+    photos = [generic_negative_images(3)[index] for index in range(3)]
+    whole = colour_encoder.embed(photos[:1])
+    features = photo_view_features(colour_encoder, photos[0], whole)
+    assert features.shape == (1 + VIEWS_PER_PHOTO, 3) and torch.equal(features[:1], whole)
+    assert torch.equal(features, photo_view_features(colour_encoder, photos[0], whole))
+    assert not torch.equal(features, photo_view_features(colour_encoder, photos[0], whole, seed=1))
+    forward = ObjectHead.train(photos, encoder=ColourEncoder.name)
+    backward = ObjectHead.train(photos[::-1], encoder=ColourEncoder.name)
+    assert torch.allclose(forward.weight, backward.weight, atol=1e-6)
+    assert forward.calibration["loo_mean"] == pytest.approx(backward.calibration["loo_mean"], abs=1e-6)
 
 
 def test_errors_are_clear():

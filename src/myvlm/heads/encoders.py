@@ -99,7 +99,7 @@ class EfficientNetLite0Encoder:
     # bounds of a concept's cosine threshold (with the leave-one-out std factor of heads/objects.py), fitted by
     # cross-validation across subjects (benchmarks/heads.py): photos of the same object rarely score below the low
     # end, other objects rarely above the high end
-    similarity_band = (0.70, 0.80)
+    similarity_band = (0.72, 0.82)
 
     def __init__(self):
         from myvlm.heads.efficientnet_lite import EfficientNetLite0
