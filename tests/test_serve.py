@@ -228,3 +228,9 @@ def test_exposed_only_with_a_password(capsys):
     assert "reachable from other machines; give --auth USER:PASS" in capsys.readouterr().err
     assert main(["serve", "--auth", "nopassword"]) == 2
     assert "--auth takes USER:PASS" in capsys.readouterr().err
+
+
+def test_without_gradio_one_line_names_the_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gradio", None)  # what `import gradio` meets where it is not installed
+    assert main(["serve", "--port", str(free_port())]) == 2
+    assert capsys.readouterr().err.strip() == "myvlm: error: the web app needs gradio: pip install 'myvlm[serve]'"
