@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -108,7 +109,7 @@ def server(tmp_path_factory):
 
 
 def uploaded(page, element: str, filename: str) -> None:
-    """Wait until the file input shows the file as uploaded."""
+    """Wait until the file component shows the file (uploaded, or to download)."""
     page.locator(f"#{element} td.filename[aria-label='{filename}']").wait_for()
 
 
@@ -156,7 +157,7 @@ def test_enrol_train_caption_in_a_browser(server, photos, tmp_path):
         page.locator("#train-names").get_by_label(name).check()
         page.locator("#steps").get_by_role("spinbutton").fill(str(STEPS))
         page.locator("#train").click()
-        page.get_by_text("loss").first.wait_for()
+        page.get_by_text(re.compile(rf"{name}: step \d+/\d+, loss \d")).first.wait_for()  # the progress bar
         page.locator("#trained").get_by_text(f"trained '{name}' for toy-llava").wait_for()
         shot(page, tmp_path, "serve-train")
 
@@ -165,7 +166,7 @@ def test_enrol_train_caption_in_a_browser(server, photos, tmp_path):
         page.locator("#caption-photos input[type=file]").set_input_files(paths["corrupt"])
         uploaded(page, "caption-photos", "corrupt.png")
         page.locator("#caption").click()
-        page.get_by_text("corrupt.png: not an image").first.wait_for()
+        page.get_by_text("corrupt.png: corrupt or truncated image").first.wait_for()
 
         # Two pages at once: a second one lists the trained concept while the first captions the unseen photo.
         second = browser.new_page()
@@ -184,8 +185,8 @@ def test_enrol_train_caption_in_a_browser(server, photos, tmp_path):
         base = page.locator("#captions .myvlm-base").inner_text()
         assert name in personalized.split(), (personalized, base)
         assert name not in base.split(), base
-        assert page.locator("#json").get_by_text("captions.json").is_visible()
-        assert page.locator("#report").get_by_text("captions.html").is_visible()
+        uploaded(page, "json", "captions.json")  # the downloads
+        uploaded(page, "report", "captions.html")
 
         # A question about it, answered by the personalized and the base model.
         page.locator("#question").get_by_role("textbox").fill(f"Where is {name} in the image?")

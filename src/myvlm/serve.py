@@ -159,8 +159,8 @@ class App:
 
     def __init__(self, model: str, library: str | None) -> None:
         self.model = model
-        self.damage_notes: dict[str, str] = {}
-        self.library = ConceptLibrary(library, on_damage=lambda name, error: self.damage_notes.update({name: error}))
+        # A damaged concept is shown on the Concepts tab (from `library.damaged`), not warned about on stderr.
+        self.library = ConceptLibrary(library, on_damage=lambda name, error: None)
         self.photos = PhotoStore(self.library.root)
         self.encoder_name = f"vision-tower:{model}" if model in TOY_MODELS else None  # toys: the toy world's CLIP
         self._vlm = None
@@ -219,7 +219,9 @@ class App:
         rows = []
         for concept in concepts:
             photos = self.photos.paths(concept.name)
-            thumb = f"<img class='myvlm-thumb' src='{thumbnail_data_uri(load_image(photos[0]), 128)}' alt=''>"
+            thumb = ""
+            if photos:
+                thumb = f"<img class='myvlm-thumb' src='{thumbnail_data_uri(load_image(photos[0]), 128)}' alt=''>"
             models = []
             for model_id in sorted(concept.embeddings):
                 entry = concept.embedding(model_id)
@@ -227,7 +229,7 @@ class App:
                 models.append(escape(model_id + state))
             head = "" if concept.head else "<br><span class='myvlm-low'>no head: never detected</span>"
             rows.append(
-                f"<tr><td>{thumb if photos else ''}</td><td><b>{escape(concept.name)}</b>{head}</td>"
+                f"<tr><td>{thumb}</td><td><b>{escape(concept.name)}</b>{head}</td>"
                 f"<td>{escape(concept.kind)}</td><td>{escape(concept.identifier)}</td>"
                 f"<td>{escape(concept.class_word or '-')}</td><td>{'<br>'.join(models) or 'not trained yet'}</td></tr>"
             )
@@ -272,13 +274,13 @@ class App:
             raise MyVLMError(f"two photos are named {twice}; rename one")
         captions = read_captions_upload(captions_file, sources)
         negatives = read_uploads(negative_files, "photos without it")[0] if negative_files else None
-        with self.captioner() as vlm:  # a toy model's vision tower is the head's encoder
-            encoder = None
-            if self.encoder_name and kind == "object":
-                from myvlm.model import resolve_encoder
+        if self.encoder_name and kind == "object":  # a toy model's vision tower is the head's encoder
+            from myvlm.model import resolve_encoder
 
-                encoder = resolve_encoder(self.encoder_name, vlm)
-            head = build_head(kind, images, negatives, sources=sources, encoder=encoder)
+            with self.captioner() as vlm:
+                head = build_head(kind, images, negatives, encoder=resolve_encoder(self.encoder_name, vlm))
+        else:
+            head = build_head(kind, images, negatives, sources=sources)
         kin, recalibrated = {}, []
         if kind == "object":  # concepts sharing the class word are each other's negatives, as `concept add` does
             kin = {
