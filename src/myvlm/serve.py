@@ -29,7 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from myvlm.errors import MyVLMError
-from myvlm.images import IMAGE_EXTENSIONS, load_image
+from myvlm.images import IMAGE_EXTENSIONS, file_box, load_image
 from myvlm.library import MANIFEST, ConceptLibrary, check_name
 from myvlm.toynames import TOY_MODELS
 
@@ -377,7 +377,6 @@ class App:
     # --- captioning -----------------------------------------------------------------------------------------------
     def caption(self, files) -> tuple[str, list, str, str]:
         """(results HTML, photos for the question box, JSON file, HTML report file)."""
-        from myvlm.cli import _file_box
         from myvlm.report import write_report
 
         images, names = read_uploads(files, "photos to caption")
@@ -390,7 +389,7 @@ class App:
             {
                 "image": name,
                 "detections": [
-                    {"concept": d.concept, "score": round(float(d.score), 4), "box": _file_box(d.box, image)}
+                    {"concept": d.concept, "score": round(float(d.score), 4), "box": file_box(d.box, image)}
                     for d in detections
                 ],
                 "base_caption": b.text,
