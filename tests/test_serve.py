@@ -235,3 +235,31 @@ def test_without_gradio_one_line_names_the_extra(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # what `import gradio` meets where it is not installed
     assert main(["serve", "--port", str(free_port())]) == 2
     assert capsys.readouterr().err.strip() == "myvlm: error: the web app needs gradio: pip install 'myvlm[serve]'"
+
+
+def test_cancel_keeps_the_best_so_far(photos, tmp_path):
+    """Cancel during a training stops it after the current step and stores the best vector so far as an interrupted
+    (resumable) training, as Ctrl-C does on the command line."""
+    from myvlm.library import ConceptLibrary
+    from myvlm.serve import App, PhotoStore
+
+    concept, paths = photos
+    library = ConceptLibrary(tmp_path / "library")
+    library.create(concept.identifier, kind="object", class_word=concept.shape)
+    train = [Path(p) for p in paths["train"]]
+    captions = json.loads(Path(paths["captions"][0]).read_text())
+    PhotoStore(library.root).save(concept.identifier, train, captions)
+    app = App("toy-llava", str(library.root))
+    seen = []
+
+    def report(name, done, total, loss):
+        seen.append(done)
+        if done == 3:
+            assert app.cancel() == "cancelling after the current step..."
+
+    message = app.train([concept.identifier], "toy-llava", 50, report)
+    assert message.startswith(f"cancelled: kept the best embedding of '{concept.identifier}' (step "), message
+    assert seen == [1, 2, 3]
+    entry = library.get(concept.identifier).embedding("toy-llava")
+    assert not entry.complete and entry.steps <= 3
+    assert app.cancel() == "no training is running"
