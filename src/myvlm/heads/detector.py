@@ -40,7 +40,7 @@ def _region_boxes(encoder: ImageEncoder, images: Sequence[Image.Image], regions:
     """[N, R, 4] region boxes as fractions of each photo: per photo where the encoder's regions depend on its shape
     (`region_boxes_of`), the same for every photo where they do not (`region_boxes`), the whole photo for one region."""
     if hasattr(encoder, "region_boxes_of"):
-        return encoder.region_boxes_of(images)
+        return encoder.region_boxes_of(images, regions)
     region_boxes = getattr(encoder, "region_boxes", None)
     boxes = region_boxes() if region_boxes is not None else None
     if boxes is None and regions == 1:
