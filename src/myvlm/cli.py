@@ -571,6 +571,12 @@ def cmd_toyworld_build(args) -> None:
     print(f"built {args.model} into {out}")
 
 
+def cmd_serve(args) -> None:
+    from myvlm.serve import serve
+
+    serve(args.model, args.library, host=args.host, port=args.port, auth=args.auth, share=args.share)
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -719,6 +725,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the per-concept rows, the means and the peak memory to this file")
     bench.add_argument("--markdown", help="write the table as Markdown to this file")
     _add_model_options(bench)
+
+    serve = with_library(add("serve", cmd_serve, "a local web app: add, train and caption concepts in a browser"))
+    serve.add_argument("--model", default=TOY_MODELS[0], help=MODEL_HELP + f" (default: {TOY_MODELS[0]})")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    serve.add_argument("--port", type=positive_int, default=7860, help="port (default: 7860)")
+    serve.add_argument("--auth", metavar="USER:PASS", help="ask for this login (needed with a --host others reach)")
+    serve.add_argument("--share", action="store_true", help="also on a public gradio.live URL (needs --auth)")
 
     toyworld = add("toyworld", None, "the synthetic toy world: export data, rebuild the toy models")
     toy_sub = toyworld.add_subparsers(dest="toy_command", required=True, metavar="ACTION")

@@ -106,3 +106,13 @@ def collect_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
     if not found:
         raise MyVLMError(f"no images found in {', '.join(str(p) for p in paths)}")
     return found
+
+
+def file_box(box, image: Image.Image) -> list[float] | None:
+    """A box found on a loaded photo, in the photo file's pixels: photos are reduced on load (LOAD_PIXELS), and
+    `image.info["original_size"]` says from what."""
+    if not box:
+        return None
+    width, height = image.info.get("original_size", image.size)
+    sx, sy = width / image.width, height / image.height
+    return [round(v * s, 1) for v, s in zip(box, (sx, sy, sx, sy), strict=True)]

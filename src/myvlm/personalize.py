@@ -5,7 +5,7 @@ their parameters; `myvlm.cli` turns them into messages about its flags."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,9 +173,11 @@ def train_concept(
     resume: bool = False,
     vlm: PersonalizedVLM | None = None,
     load_options: dict | None = None,
+    on_progress: Callable[[int, int, float], None] | None = None,
 ) -> ConceptTraining:
     """Train and store the concept's embedding. The best vector so far is saved as an incomplete entry every
-    CHECKPOINT_EVERY steps and on Ctrl-C; `resume` continues from it (with a fresh optimizer) up to `steps`."""
+    CHECKPOINT_EVERY steps and on Ctrl-C; `resume` continues from it (with a fresh optimizer) up to `steps`.
+    `on_progress(done, total, loss)` hears of every step; a KeyboardInterrupt raised in it cancels as Ctrl-C does."""
     concept = library.get(name)
     TrainingConfig(task=task, steps=steps, seed=seed)  # check the settings before loading anything
     paths, caption_map = training_photos(images, captions)
@@ -204,7 +206,15 @@ def train_concept(
     config = TrainingConfig(task=task, steps=steps - done, seed=seed)
     try:
         result = learn_concept(
-            vlm, concept.name, concept.identifier, photos, examples, config, init=init, on_step=keep_best
+            vlm,
+            concept.name,
+            concept.identifier,
+            photos,
+            examples,
+            config,
+            init=init,
+            on_step=keep_best,
+            on_progress=on_progress,
         )
     except KeyboardInterrupt:
         save_best()

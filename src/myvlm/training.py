@@ -292,6 +292,7 @@ def learn_concept(
     init: torch.Tensor | None = None,
     progress: bool = True,
     on_step: Callable[[int, float, torch.Tensor], None] | None = None,
+    on_progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainingResult:
     """Train the embedding of concept `name` on `examples`; the VLM stays frozen. Returns the learned vector, which
     the model also holds from then on.
@@ -302,7 +303,8 @@ def learn_concept(
     official loop: a fresh augmentation and a full forward and backward pass every step.
 
     `init` continues from a given vector (no probing of starts). `on_step(step, loss, vector)` sees each step of the
-    trajectory that is kept, with the vector that loss was measured on.
+    trajectory that is kept, with the vector that loss was measured on; `on_progress(done, total, loss)` every step
+    run, probes included (a progress bar elsewhere than the terminal; raising in it stops the training).
     """
     config = config or TrainingConfig()
     if not images or not examples:
@@ -321,7 +323,7 @@ def learn_concept(
     def make_sampler(rng, view_stream) -> Sampler:
         return Sampler(vlm, images, examples, lambda example: (name,), pool, config, rng, view_stream)
 
-    with _ProgressBar(total, progress, f"learning {name}") as bar:
+    with _ProgressBar(total, progress, f"learning {name}", on_progress) as bar:
         if probing:
             seeds = [config.seed + k * PROBE_SEED_STRIDE for k in range(starts)]
             result = best_of_starts(vlm, name, seeds, make_sampler, config, bar, observers)
@@ -394,10 +396,13 @@ def _view_pool(backend, images, views_per_image, config, view_rng) -> list | Non
 class _ProgressBar:
     """A tqdm bar (on a terminal only) as a step observer, closed on leaving the `with` block."""
 
-    def __init__(self, total: int, enabled: bool, description: str) -> None:
+    def __init__(
+        self, total: int, enabled: bool, description: str, on_progress: Callable[[int, int, float], None] | None = None
+    ) -> None:
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=total, disable=None if enabled else True, desc=description, unit="step")
+        self.total, self.done, self.on_progress = total, 0, on_progress
 
     def __enter__(self):
         return self
@@ -408,6 +413,9 @@ class _ProgressBar:
     def __call__(self, report: StepReport) -> None:
         self.bar.update()
         self.bar.set_postfix(loss=f"{report.loss:.3f}", reg=f"{report.regularizer:.4f}")
+        self.done += 1
+        if self.on_progress is not None:
+            self.on_progress(self.done, self.total, report.loss)
 
 
 def caption_examples(captions: Sequence[Sequence[str]]) -> list[Example]:

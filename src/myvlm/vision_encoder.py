@@ -7,6 +7,7 @@ The backend says which module is its vision tower and how images become its pixe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -45,3 +46,34 @@ class VisionTowerEncoder:
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self.embed_regions(images)[:, 0]
+
+    def region_boxes_of(self, images: Sequence[Image.Image], regions: int) -> torch.Tensor | None:
+        """[N, R, 4] (left, top, right, bottom) of each of the `regions` of `embed_regions` as fractions of each
+        photo: the square the tower sees (the whole photo, or its centre where the processor crops to the shortest
+        side), then one cell of the patch grid per patch, row by row. None where the patches are not a square grid."""
+        side = math.isqrt(regions - 1)
+        if side < 1 or side * side != regions - 1:
+            return None
+        cells = torch.arange(side, dtype=torch.float32) / side
+        top, left = torch.meshgrid(cells, cells, indexing="ij")
+        grid = torch.stack([left, top, left + 1 / side, top + 1 / side], -1).reshape(-1, 4)
+        grid = torch.cat([torch.tensor([[0.0, 0.0, 1.0, 1.0]]), grid])
+        processor = self.backend.processor.image_processor
+        size = getattr(processor, "size", None) or {}
+        shortest_edge = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+        crops = bool(getattr(processor, "do_center_crop", False) and shortest_edge)
+        boxes = []
+        for image in images:
+            width, height = image.size
+            if crops:  # resized so the shortest side fits, then the centre square kept: that part of the photo
+                shortest = min(width, height)
+                x0, y0, fx, fy = (
+                    (width - shortest) / 2 / width,
+                    (height - shortest) / 2 / height,
+                    shortest / width,
+                    shortest / height,
+                )
+            else:  # squashed: the whole photo
+                x0, y0, fx, fy = 0.0, 0.0, 1.0, 1.0
+            boxes.append(grid * torch.tensor([fx, fy, fx, fy]) + torch.tensor([x0, y0, x0, y0]))
+        return torch.stack(boxes)

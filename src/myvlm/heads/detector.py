@@ -36,6 +36,18 @@ def head_from_state(config: dict, tensors: dict[str, torch.Tensor]) -> FaceHead 
     return kinds[config["type"]].from_state(config, tensors)
 
 
+def _region_boxes(encoder: ImageEncoder, images: Sequence[Image.Image], regions: int) -> torch.Tensor | None:
+    """[N, R, 4] region boxes as fractions of each photo: per photo where the encoder's regions depend on its shape
+    (`region_boxes_of`), the same for every photo where they do not (`region_boxes`), the whole photo for one region."""
+    if hasattr(encoder, "region_boxes_of"):
+        return encoder.region_boxes_of(images, regions)
+    region_boxes = getattr(encoder, "region_boxes", None)
+    boxes = region_boxes() if region_boxes is not None else None
+    if boxes is None and regions == 1:
+        boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    return None if boxes is None else boxes[None].expand(len(images), -1, -1)
+
+
 class ConceptDetector:
     """Concept detection for a set of named heads; every face is given to the nearest enrolled person only."""
 
@@ -65,8 +77,8 @@ class ConceptDetector:
             self.person_groups.setdefault(head.backend_name, []).append(name)
 
     def _object_logits(self, images: Sequence[Image.Image]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per object concept: [N, R] logits of every region of every photo, and [R, 4] region boxes as fractions of
-        the photo (None when the encoder does not say where its regions are)."""
+        """Per object concept: [N, R] logits of every region of every photo, and [N, R, 4] region boxes as fractions
+        of each photo (None when the encoder does not say where its regions are)."""
         logits = {}
         for encoder_name, (names, weights, biases, _) in self.object_groups.items():
             encoder = self.encoders.get(encoder_name) or get_encoder(encoder_name)
@@ -76,10 +88,7 @@ class ConceptDetector:
                     f"encoder {encoder_name!r} gives {features.shape[-1]}-d features but {', '.join(names)} "
                     f"expect {weights.shape[1]}-d: retrain those concepts with this encoder"
                 )
-            region_boxes = getattr(encoder, "region_boxes", None)
-            boxes = region_boxes() if region_boxes is not None else None
-            if boxes is None and features.shape[1] == 1:
-                boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+            boxes = _region_boxes(encoder, images, features.shape[1])
             per_region = features @ weights.T + biases  # [N, R, H]
             for index, name in enumerate(names):
                 logits[name] = (per_region[..., index], boxes)
@@ -139,7 +148,7 @@ class ConceptDetector:
                     continue
                 box = None
                 if boxes is not None:
-                    left, top, right, bottom = boxes[best].tolist()
+                    left, top, right, bottom = boxes[index, best].tolist()
                     box = (left * image.width, top * image.height, right * image.width, bottom * image.height)
                 fired[name] = (best, Detection(name, probability, box))
             closer = {

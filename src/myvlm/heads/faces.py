@@ -243,6 +243,15 @@ class FaceHead:
         head.notes = notes
         return head
 
+    def held_out_scores(self) -> list[float]:
+        """Each enrolled face's score (a detection's, 1 - distance) against the person's other faces: how a new photo
+        of them would fare against 1 - `threshold`. Empty for one face."""
+        if len(self.descriptors) < 2:
+            return []
+        distances = self.backend.distances(self.descriptors, self.descriptors)
+        distances = distances.masked_fill(torch.eye(len(distances), dtype=torch.bool), float("inf"))  # not itself
+        return (1.0 - distances.min(1).values).tolist()
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"descriptors": self.descriptors.contiguous()}
 

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from myvlm.errors import MyVLMError
 from myvlm.heads.encoders import DEFAULT_ENCODER, ImageEncoder, embed_regions, get_encoder
-from myvlm.heads.regions import best_region_scores, probe_views, train_region_probe
+from myvlm.heads.regions import best_region_scores, held_out_logits, probe_views, train_region_probe
 
 # Augmented views per positive photo, on top of the photo itself: the count benchmarks/heads.py measures (its
 # default), split over the view families in the shares below. Each family covers a way a user's next photo may
@@ -275,6 +275,7 @@ class ObjectHead:
         held_out = leave_one_out_scores(photo_regions, photo_views) if len(positives) > 1 else torch.empty(0)
         cosine_threshold, stats = calibrate_threshold(held_out, generic, band)
         stats.update(cosine_threshold=cosine_threshold, positives=len(positives), negatives=len(negatives or []))
+        stats["held_out"] = [round(float(score), 4) for score in held_out]  # cosines, each photo against the others
         head = cls(
             TEMPERATURE * direction,
             torch.tensor([-TEMPERATURE * cosine_threshold]),
@@ -296,10 +297,13 @@ class ObjectHead:
         negative_regions = [generic_negative_features(image_encoder)]
         if negatives:
             negative_regions.append(embed_regions(image_encoder, list(negatives)))
-        weight, bias, stats = train_region_probe(
-            embed_regions(image_encoder, views), torch.cat(negative_regions), seed=seed
-        )
+        view_regions = embed_regions(image_encoder, views)
+        negative_regions = torch.cat(negative_regions)
+        weight, bias, stats = train_region_probe(view_regions, negative_regions, seed=seed)
         stats.update(positives=len(positives), negatives=len(negatives or []), method="region probe")
+        if len(positives) > 1:  # each photo's logit under a probe trained without its views: how an unseen photo fares
+            per_photo = view_regions.reshape(len(positives), -1, *view_regions.shape[1:])
+            stats["held_out"] = [round(v, 4) for v in held_out_logits(per_photo, negative_regions, seed=seed)]
         return cls(weight, bias, image_encoder.name, 0.5, stats)
 
     def recalibrate(self, negative_regions: torch.Tensor, rivals: Sequence[str] = ()) -> None:
@@ -313,6 +317,14 @@ class ObjectHead:
         self.calibration.update(highest_negative=highest, cosine_threshold=cosine_threshold)
         self.bias = torch.tensor([-TEMPERATURE * cosine_threshold])
         self.rivals = sorted(set(self.rivals) | set(rivals))
+
+    def held_out_scores(self) -> list[float]:
+        """Each enrolment photo's score (a detection's probability) under a head calibrated without it: how a new
+        photo of the concept would fare against `threshold`. Empty for a head trained from one photo."""
+        held_out = torch.tensor(self.calibration.get("held_out", []), dtype=torch.float32)
+        if self.calibration.get("method") == "region probe":  # logits of the probes trained without each photo
+            return torch.sigmoid(held_out).tolist()
+        return torch.sigmoid(TEMPERATURE * held_out + self.bias).tolist()  # cosines, under this head's threshold
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         """From [N, D] photo embeddings or [N, R, D] region embeddings (`embed_regions`, the best region counts)."""
