@@ -1,6 +1,6 @@
 """Tiny Idefics3 and SmolVLM models: a SigLIP-style tower, pixel-shuffle connector and Llama LM, saved with their real
 processor classes. Images are split into 32 px crops plus a global view (4 tokens each), so token counts follow the
-image's shape: a square photo gives 2×2 crops + global (20 image tokens), a wide one 1×2 + global (12)."""
+image's shape: a square photo gives 3×3 crops + global (40 image tokens), a 3:2 one 2×3 + global (28)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import torch
-from tests.families import word_tokenizer
 from transformers import (
     Idefics3Config,
     Idefics3ForConditionalGeneration,
@@ -22,10 +21,11 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
+from families import word_tokenizer
 from myvlm.backends.idefics3 import ImageOnlySmolVLMProcessor
 
 DYNAMIC_RESOLUTION = True  # image splitting: the crop grid, so the token count, follows the image's shape
-CROP, LONGEST, PATCH = 32, 64, 8  # crops of 32 px; images resized to a 64 px longest edge; 8 px patches
+CROP, LONGEST, PATCH = 32, 96, 8  # crops of 32 px; images resized to a 96 px longest edge; 8 px patches
 IMAGE_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
 GRID = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 # The families' own chat templates (Idefics3-8B-Llama3's, and SmolVLM's with <|im_start|>).
@@ -89,6 +89,8 @@ def _build(folder: Path, seed: int, smolvlm: bool) -> Path:
         processor = Idefics3Processor(
             Idefics3ImageProcessorPil(**sizes), tokenizer, image_seq_len=image_seq_len, chat_template=IDEFICS3_TEMPLATE
         )
+    # As the released checkpoints' generation configs: a reply stops at the end of the turn.
+    model.generation_config.eos_token_id = [ids(end), ids("<end_of_utterance>")]
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     if smolvlm:

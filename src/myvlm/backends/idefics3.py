@@ -90,8 +90,9 @@ class Idefics3Backend(SequenceBackend):
 
     @property
     def answer_end_id(self) -> int:
-        """`<end_of_utterance>`, which ends every turn of the chat template."""
-        return self.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+        """`<end_of_utterance>`, which ends every turn of the chat template (EOS for a tokenizer without it)."""
+        found = self.tokenizer.convert_tokens_to_ids(END_OF_UTTERANCE)
+        return self.tokenizer.eos_token_id if found in (None, self.tokenizer.unk_token_id) else found
 
 
 class SmolVLMBackend(Idefics3Backend):
