@@ -1,6 +1,8 @@
 """Tiny Idefics3 and SmolVLM models: a SigLIP-style tower, pixel-shuffle connector and Llama LM, saved with their real
-processor classes. Images are split into 32 px crops plus a global view (4 tokens each), so token counts follow the
-image's shape: a square photo gives 3×3 crops + global (40 image tokens), a 3:2 one 2×3 + global (28)."""
+processor classes. Images are split into 16 px crops plus a global view (one token each after pixel shuffle), so token
+counts follow the image's shape: a square photo gives 3×3 crops + global (10 image tokens), a 3:2 one 2×3 + global (7).
+Few image tokens per crop keep the learning proof's pretraining within its 300 steps (with 4 per crop, 40 per photo,
+the tiny LM had not yet learned to copy the prompt's name)."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from families import word_tokenizer
 from myvlm.backends.idefics3 import ImageOnlySmolVLMProcessor
 
 DYNAMIC_RESOLUTION = True  # image splitting: the crop grid, so the token count, follows the image's shape
-CROP, LONGEST, PATCH = 32, 96, 8  # crops of 32 px; images resized to a 96 px longest edge; 8 px patches
+CROP, LONGEST, PATCH = 16, 48, 8  # crops of 16 px (one token each); images resized to a 48 px longest edge
 IMAGE_SPECIALS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
 GRID = [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
 # The families' own chat templates (Idefics3-8B-Llama3's, and SmolVLM's with <|im_start|>).
@@ -89,6 +91,11 @@ def _build(folder: Path, seed: int, smolvlm: bool) -> Path:
         processor = Idefics3Processor(
             Idefics3ImageProcessorPil(**sizes), tokenizer, image_seq_len=image_seq_len, chat_template=IDEFICS3_TEMPLATE
         )
+    # A trained connector puts image tokens on the scale of word embeddings (HF's random one: ~12× larger, which the
+    # tiny LM's pretraining in the learning proof cannot get past).
+    with torch.no_grad():
+        projection = model.model.connector.modality_projection.proj.weight
+        projection.mul_(model.get_input_embeddings().weight.norm(dim=-1).mean() / 2 / _image_token_norm(model))
     # As the released checkpoints' generation configs: a reply stops at the end of the turn.
     model.generation_config.eos_token_id = [ids(end), ids("<end_of_utterance>")]
     model.save_pretrained(folder)
@@ -97,6 +104,12 @@ def _build(folder: Path, seed: int, smolvlm: bool) -> Path:
         settings = folder / "processor_config.json"
         settings.write_text(json.dumps({**json.loads(settings.read_text()), "processor_class": "SmolVLMProcessor"}))
     return folder
+
+
+def _image_token_norm(model) -> torch.Tensor:
+    """Mean norm of the connector's tokens for random pixels."""
+    pixels = torch.randn(1, 2, 3, CROP, CROP, generator=torch.Generator().manual_seed(0))
+    return model.model.get_image_features(pixels).pooler_output[0].norm(dim=-1).mean()
 
 
 def build_idefics3(folder: Path, seed: int) -> Path:
