@@ -104,3 +104,16 @@ def test_heads_never_import_models_or_backends():
             if isinstance(node, ast.ImportFrom | ast.Import):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not [n for n in names if n.startswith(higher)], f"{path.name} imports {names}"
+
+
+def test_every_registered_model_type_has_its_readme_row_and_its_own_backend_file():
+    """Adding a family is one backend file (it registers itself by model_type), its tests and one README row."""
+    from myvlm.backends import BACKENDS
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## How the concept enters", 1)[1].split("\n## ", 1)[0]
+    for model_type, backend in BACKENDS.items():
+        assert f"`{model_type}`" in table, f"README 'How the concept enters' has no row naming `{model_type}`"
+        assert backend.__module__.startswith("myvlm.backends."), backend
+    central = (Path(__file__).parents[1] / "src/myvlm/backends/__init__.py").read_text()
+    assert not any(f"{backend.__name__}" in central for backend in BACKENDS.values())
