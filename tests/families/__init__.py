@@ -50,13 +50,12 @@ def builders() -> dict[str, tuple[callable, bool]]:
     return found
 
 
-def pretrain_on_toyworld(vlm, steps: int = 150, seed: int = 0, batch_size: int = 8):
-    """Briefly pretrain a whole tiny VLM on toy-world captions, the way LLaVA-style models see a personalized prompt:
-    a scene is captioned ("a small red circle is on the left ."), and when a vector sits in the concept slot (through
-    the library's own injection) and a name is in the prompt ("Please caption this image of Mia."), the caption names
-    it ("Mia is a small red circle ..."). The slot holds a fresh random direction each time, so the model learns that
-    a filled slot means "name the one the prompt gives", as a pretrained VLM reads a personalized prompt; a learned
-    concept vector then has that path to follow."""
+def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int = 8):
+    """Briefly pretrain a whole tiny VLM on toy-world captions, the way the toy models are: a scene is captioned
+    ("a small red circle is on the left ."), and when a named object's vector sits in the concept slot (through the
+    library's own injection) and its name is in the prompt, the caption names it ("Mia is a small red circle ...").
+    A random LM ignores its inputs; this one reads its visual tokens and can say a name, so a learned concept vector
+    has a path to follow, as in a pretrained VLM."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -66,6 +65,7 @@ def pretrain_on_toyworld(vlm, steps: int = 150, seed: int = 0, batch_size: int =
 
     backend, width = vlm.backend, vlm.concept_width
     generator = torch.Generator().manual_seed(seed)
+    codes = {name: F.normalize(torch.randn(width, generator=generator), dim=0) for name in NAMES}
     rng = np.random.default_rng(seed)
     vlm.model.train()
     vlm.model.requires_grad_(True)
@@ -80,8 +80,9 @@ def pretrain_on_toyworld(vlm, steps: int = 150, seed: int = 0, batch_size: int =
                 slots.append(torch.zeros(0, width))
                 targets.append(caption(with_names(scene, {})))
                 prompts.append(backend.prompt(CAPTION))
-            else:
-                slots.append(F.normalize(torch.randn(1, width, generator=generator), dim=-1))
+            else:  # the name's direction plus noise, as a learned vector starts out
+                noise = torch.randn(width, generator=generator) * 2 * float(rng.random()) / width**0.5
+                slots.append((codes[name] + noise)[None])
                 targets.append(caption(with_names(scene, {0: name})))
                 prompts.append(backend.prompt(CAPTION, [name]))
         batch = backend.encode(images, prompts, [len(s) for s in slots], targets)
