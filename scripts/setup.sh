@@ -13,3 +13,11 @@ fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 "$py" -m pip install -q -e ".${extra}"
+if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
+  # The browser test of `myvlm serve` drives Debian's Chromium (Playwright never downloads a browser).
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: the browser test needs Chromium: sudo apt-get install chromium" >&2
+  fi
+fi

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import LlavaOnevisionProcessor
 
 import myvlm
-from families.llava_next import BUILDERS
+from families.llava_next import BUILDERS, PATCH, TILE
 from myvlm.backends.llava_next import ImageOnlyOnevisionProcessor
 
 SIZES = [(48, 48), (30, 64), (64, 24), (40, 64)]  # (width, height): four tile grids, four token counts
@@ -93,7 +93,7 @@ def test_onevision_loads_image_only_without_torchvision(tmp_path):
         LlavaOnevisionProcessor.from_pretrained(folder)  # why the image-only path exists
     processor = myvlm.load(str(folder)).processor
     assert isinstance(processor, ImageOnlyOnevisionProcessor)
-    assert (processor.num_image_tokens, processor.vision_feature_select_strategy) == (16, "full")
+    assert (processor.num_image_tokens, processor.vision_feature_select_strategy) == ((TILE // PATCH) ** 2, "full")
     assert processor.chat_template and "<|im_start|>" in processor.chat_template
 
 
@@ -119,4 +119,4 @@ def test_cached_step_equals_full_step_across_aspect_ratios(vlm):
 
 def test_tower_patches_are_the_base_views_tokens(vlm):
     patches = vlm.backend.tower_patches(images()[:2])
-    assert patches.shape == (2, 16, vlm.backend.tower_width)
+    assert patches.shape == (2, (TILE // PATCH) ** 2, vlm.backend.tower_width)

@@ -27,7 +27,7 @@ from families import word_tokenizer
 from myvlm.backends.llava_next import ImageOnlyOnevisionProcessor
 
 DYNAMIC_RESOLUTION = True  # anyres: the tile grid, so the token count, follows the image's aspect ratio
-TILE, PATCH = 32, 8  # a 32 px tower view in 8 px patches: 16 tokens per tile
+TILE, PATCH = 32, 16  # a 32 px tower view in 16 px patches: 4 tokens per tile (few tokens: a tiny LM learns fast)
 PINPOINTS = [[32, 32], [32, 64], [64, 32]]  # a square photo: base view + 1 tile; 2:1 ones: + 2 tiles
 # LLaVA-v1.6-Mistral's template: images first, then the text, inside [INST] ... [/INST]; answers end with </s>.
 MISTRAL_TEMPLATE = (
