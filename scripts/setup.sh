@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install myvlm into it. Installs torch 2.13.0 (CPU wheel) only where no torch is
-# present, so users keep their own CUDA build. `--test` adds the test tools.
+# present, so users keep their own CUDA build. `--test` adds the test tools (and Chromium for the browser test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv 2>/dev/null || true
