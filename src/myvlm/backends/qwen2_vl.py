@@ -60,7 +60,11 @@ class Qwen2VLBackend(SequenceBackend):
 
     def __init__(self, model: torch.nn.Module, processor) -> None:
         super().__init__(model, processor)
+        # Per image size its patch grid, per prompt its chat-template text, per row its M-RoPE positions: each is
+        # asked for every training step and depends only on its key.
         self._grids: dict[tuple[int, int], torch.Tensor] = {}
+        self._prompts: dict[tuple, str] = {}
+        self._positions: dict[tuple, torch.Tensor] = {}
 
     @property
     def vision_tower(self) -> torch.nn.Module:
@@ -86,6 +90,12 @@ class Qwen2VLBackend(SequenceBackend):
         return self.tokenizer.convert_tokens_to_ids(END_OF_TURN)
 
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
+        key = (task, tuple(identifiers), question)
+        if key not in self._prompts:
+            self._prompts[key] = self._chat_prompt(task, identifiers, question)
+        return self._prompts[key]
+
+    def _chat_prompt(self, task: str, identifiers: Sequence[str], question: str | None) -> str:
         if task == CAPTION:
             instruction = (
                 f"Please caption this image of {' and '.join(identifiers)}."
@@ -118,20 +128,27 @@ class Qwen2VLBackend(SequenceBackend):
 
     def token_inputs(self, ids: list[int], slots: range, prompt_length: int) -> dict[str, list[int]]:
         """Image tokens typed 1, concept tokens typed 0 (text), so M-RoPE gives each image run exactly its grid."""
-        types = [int(token == self.image_token_id) for token in ids]
+        image = self.image_token_id
+        types = [int(token == image) for token in ids]
         for slot in slots:
             types[slot] = 0
         return {"mm_token_type_ids": types}
 
     def position_ids(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[3, B, L] M-RoPE positions of the whole rows, as the model's forward computes them."""
-        positions, _ = self.model.model.get_rope_index(
-            inputs["input_ids"],
-            inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"],
-            attention_mask=inputs["attention_mask"],
-        )
-        return positions
+        """[3, B, L] M-RoPE positions of the whole rows, as the model's forward computes them (one image per row)."""
+        rows = []
+        columns = ("input_ids", "mm_token_type_ids", "attention_mask", "image_grid_thw")
+        for ids, types, mask, grid in zip(*(inputs[c] for c in columns), strict=True):
+            key = (tuple(ids.tolist()), tuple(types.tolist()), tuple(mask.tolist()), tuple(grid.tolist()))
+            if key not in self._positions:
+                if len(self._positions) >= 4096:
+                    self._positions.clear()
+                positions, _ = self.model.model.get_rope_index(
+                    ids[None], types[None], image_grid_thw=grid[None], attention_mask=mask[None]
+                )
+                self._positions[key] = positions
+            rows.append(self._positions[key])
+        return torch.cat(rows, dim=1)
 
 
 class Qwen2_5_VLBackend(Qwen2VLBackend):
