@@ -120,7 +120,8 @@ def _llava(width, depth, heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM
 
 def _qwen2_vl(width, depth, heads, kv_heads, ffn, vocab, v_width, v_depth) -> PersonalizedVLM:
     """Qwen2-VL at patch 14, merge 2, every photo resized to 448 x 448 (32 x 32 patches, 256 merged tokens)."""
-    ids = tiny_qwen2_vl.SPECIALS.index
+    tokenizer = tiny_qwen2_vl.tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
     half = width // heads // 2  # M-RoPE splits each head's rotary half into (t, h, w) sections, as 16/24/24 of 64
     section = half * 3 // 8
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [half - 2 * section, section, section]}
@@ -148,7 +149,7 @@ def _qwen2_vl(width, depth, heads, kv_heads, ffn, vocab, v_width, v_depth) -> Pe
     side = 448
     processor = image_only(Qwen2VLProcessor)(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=side * side, max_pixels=side * side, patch_size=14),
-        tokenizer=tiny_qwen2_vl.tokenizer(),
+        tokenizer=tokenizer,
         chat_template=tiny_qwen2_vl.CHAT_TEMPLATE,
     )
     return PersonalizedVLM(Qwen2VLForConditionalGeneration(config), processor, "qwen2vl-256")

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
@@ -18,16 +17,13 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from families import word_tokenizer
 from myvlm.backends.qwen2_vl import image_only
 
 DYNAMIC_RESOLUTION = True
 
-SPECIALS = ["<|endoftext|>", "<unk>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>"]
-SPECIALS += ["<|image_pad|>", "<|video_pad|>"]
-WORDS = (
-    "system You are helpful assistant user Please caption this image of and . , ? a an the dog cat mug is on in "
-    "sleeping sitting sofa grass table red blue green Bobby Alice Question Answer What Where doing color"
-).split()
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+SPECIALS += ["<|video_pad|>"]
 # Qwen2-VL-Instruct's chat template (images only).
 CHAT_TEMPLATE = (
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -42,22 +38,12 @@ PATCH, MERGE = 8, 2
 
 
 def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    model = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    model.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=model,
-        pad_token="<|endoftext|>",
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        additional_special_tokens=SPECIALS[2:],
-    )
+    """Word-level over the toy world's words, with Qwen's special tokens, pad and end-of-turn as Qwen's."""
+    return word_tokenizer(SPECIALS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
 
 
-def _save(model, processor_class, folder: Path) -> Path:
-    tokens = tokenizer()
-    model.generation_config.eos_token_id = tokens.convert_tokens_to_ids("<|im_end|>")
+def _save(model, tokens: PreTrainedTokenizerFast, processor_class, folder: Path) -> Path:
+    model.generation_config.eos_token_id = tokens.eos_token_id
     model.generation_config.pad_token_id = tokens.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=32 * 32, max_pixels=64 * 64, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2
@@ -69,53 +55,56 @@ def _save(model, processor_class, folder: Path) -> Path:
     return folder
 
 
-def _text(vocab_size: int) -> dict:
+def _text(tokens: PreTrainedTokenizerFast) -> dict:
     return dict(
-        vocab_size=vocab_size,
+        vocab_size=len(tokens),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        pad_token_id=0,
-        bos_token_id=0,
-        eos_token_id=SPECIALS.index("<|im_end|>"),
+        pad_token_id=tokens.pad_token_id,
+        bos_token_id=tokens.pad_token_id,
+        eos_token_id=tokens.eos_token_id,
     )
 
 
-def _ids() -> dict:
+def _ids(tokens: PreTrainedTokenizerFast) -> dict:
+    ids = tokens.convert_tokens_to_ids
     return {
-        "image_token_id": SPECIALS.index("<|image_pad|>"),
-        "video_token_id": SPECIALS.index("<|video_pad|>"),
-        "vision_start_token_id": SPECIALS.index("<|vision_start|>"),
-        "vision_end_token_id": SPECIALS.index("<|vision_end|>"),
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
         "tie_word_embeddings": False,
     }
 
 
 def build_qwen2_vl(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
+    tokens = tokenizer()
     vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=PATCH)
     config = Qwen2VLConfig(
         vision_config=dict(vision, spatial_merge_size=MERGE, temporal_patch_size=2),
-        text_config=_text(len(SPECIALS) + len(WORDS)),
-        **_ids(),
+        text_config=_text(tokens),
+        **_ids(tokens),
     )
-    return _save(Qwen2VLForConditionalGeneration(config), Qwen2VLProcessor, folder)
+    return _save(Qwen2VLForConditionalGeneration(config), tokens, Qwen2VLProcessor, folder)
 
 
 def build_qwen2_5_vl(folder: Path, seed: int) -> Path:
     torch.manual_seed(seed)
+    tokens = tokenizer()
     vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=PATCH)
     config = Qwen2_5_VLConfig(
         vision_config=dict(
             vision, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1]
         ),
-        text_config=_text(len(SPECIALS) + len(WORDS)),
-        **_ids(),
+        text_config=_text(tokens),
+        **_ids(tokens),
     )
-    return _save(Qwen2_5_VLForConditionalGeneration(config), Qwen2_5_VLProcessor, folder)
+    return _save(Qwen2_5_VLForConditionalGeneration(config), tokens, Qwen2_5_VLProcessor, folder)
 
 
 BUILDERS = {"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl}
