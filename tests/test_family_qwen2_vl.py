@@ -12,6 +12,7 @@ from PIL import Image
 
 import myvlm
 from families.qwen2_vl import BUILDERS
+from myvlm import MyVLMError
 from myvlm.backends.base import CAPTION
 
 
@@ -114,3 +115,11 @@ def test_cached_training_equals_the_full_step_on_a_batch_of_sizes(vlm):
 def test_tower_patches_see_every_image_at_one_size(vlm):
     patches = vlm.backend.tower_patches([photo(32, 32, 7), photo(64, 48, 8)])
     assert patches.shape == (2, 64, vlm.backend.tower_width)  # at most 64x64 pixels in 8x8 patches
+
+
+def test_a_folder_without_a_chat_template_is_named(tmp_path):
+    folder = BUILDERS["qwen2_vl"](tmp_path / "model", 0)
+    (folder / "chat_template.jinja").unlink()
+    vlm = myvlm.load(str(folder))
+    with pytest.raises(MyVLMError, match="no chat template"):
+        vlm.caption([photo(32, 32, 0)])

@@ -104,10 +104,13 @@ class Qwen2VLBackend(SequenceBackend):
             )
         else:
             instruction = question
-        if not self.processor.chat_template:
-            raise MyVLMError(f"the {self.family} processor has no chat template; save the model's with it")
+        template = self.processor.chat_template or self.tokenizer.chat_template
+        if not template:
+            raise MyVLMError(f"the {self.family} model folder has no chat template; save its processor with one")
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.processor.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
 
     def pixel_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         processed = self.processor.image_processor(list(images), return_tensors="pt")
