@@ -4,7 +4,7 @@ against the cached loop (`learn_concept` with a pool of cached views, the defaul
 Each run is a fresh process, so its peak memory is its own: peak RSS above the RSS after loading (CPU), or peak
 allocated memory (CUDA). Recall is measured on held-out concept images for the toy models only.
 
-    python benchmarks/train_speed.py [--models toy-llava toy-blip2 llava-576 blip2-257] [--steps 100]
+    python benchmarks/train_speed.py [--models toy-llava toy-blip2 llava-576 blip2-257 qwen2vl-256] [--steps 100]
         [--device cpu] [--dtype float32] [--full] [--json FILE]
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("toy-llava", "toy-blip2", "llava-576", "blip2-257")
+MODELS = ("toy-llava", "toy-blip2", "llava-576", "blip2-257", "qwen2vl-256")
 
 
 def _rss_mb(field: str) -> float:

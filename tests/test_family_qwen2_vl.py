@@ -1,0 +1,125 @@
+"""Qwen2-VL / Qwen2.5-VL specifics: M-RoPE positions of the concept token in training, cached training and generation;
+image-only processors; images of different sizes in one batch; the vision tower for heads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import myvlm
+from families.qwen2_vl import BUILDERS
+from myvlm import MyVLMError
+from myvlm.backends.base import CAPTION
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def vlm(request, tmp_path_factory):
+    folder = BUILDERS[request.param](tmp_path_factory.mktemp(request.param), 0)
+    return myvlm.load(str(folder))
+
+
+def photo(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def vectors(vlm, counts, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(k, vlm.concept_width, generator=generator) for k in counts]
+
+
+def test_processor_loads_image_only_and_saves_as_the_stock_class(vlm, tmp_path):
+    from transformers.utils import is_torchvision_available
+
+    assert not is_torchvision_available()  # this machine: the image-only path is the one under test
+    assert type(vlm.processor).__name__ == vlm.backend.processor_class.__name__
+    assert isinstance(vlm.processor, vlm.backend.processor_class)
+    assert getattr(vlm.processor, "video_processor", None) is None
+    vlm.processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == vlm.backend.processor_class.__name__
+
+
+def test_images_of_different_sizes_give_different_token_counts(vlm):
+    backend = vlm.backend
+    prompt = backend.prompt(CAPTION)
+    counts = [backend.prompt_ids(prompt, size).count(backend.image_token_id) for size in [(32, 32), (64, 48)]]
+    assert counts == [4, 12]
+
+
+def test_concept_takes_the_next_text_position_after_its_image_grid(vlm):
+    backend = vlm.backend
+    image, prompt = photo(64, 48, 1), backend.prompt(CAPTION, ["Bobby"])
+    plain = backend.encode([image], [prompt], [0], ["Bobby is on the sofa ."])
+    with_concept = backend.encode([image], [prompt], [1], ["Bobby is on the sofa ."])
+    before, after = backend.position_ids(plain.inputs)[:, 0], backend.position_ids(with_concept.inputs)[:, 0]
+    slot = with_concept.concept_positions[0][0]
+    assert with_concept.inputs["input_ids"][0, slot + 1] == vlm.model.config.vision_end_token_id
+    assert with_concept.inputs["mm_token_type_ids"][0, slot] == 0
+    assert torch.equal(after[:, :slot], before[:, :slot])  # the image keeps its grid positions
+    assert after[:, slot].tolist() == [int(before[:, :slot].max()) + 1] * 3  # the concept: the next text position
+    assert torch.equal(after[:, slot + 1 :], before[:, slot:] + 1)  # everything after moves on by one
+
+
+def test_generation_continues_the_positions_training_uses(vlm):
+    """Greedy decoding of a left-padded batch of two sizes with concepts injected: every step's logits (prefill,
+    then decoding from rope_deltas) equal one full forward over prompt + answer, whose positions training uses."""
+    backend = vlm.backend
+    images = [photo(32, 32, 2), photo(64, 48, 3)]
+    prompts = [backend.prompt(CAPTION, ["Bobby"]), backend.prompt(CAPTION)]
+    batch = backend.encode(images, prompts, [1, 0])
+    inserted = vectors(vlm, [1, 0])
+    with backend.inject(inserted, batch=batch):
+        generated = vlm.model.generate(
+            **backend.model_inputs(batch),
+            max_new_tokens=6,
+            min_new_tokens=6,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    steps = torch.stack(generated.logits, dim=1)  # [B, 6, V]
+    full = dict(backend.model_inputs(batch))
+    new = generated.sequences[:, batch.inputs["input_ids"].shape[1] :]
+    full["input_ids"] = generated.sequences
+    full["attention_mask"] = torch.cat([full["attention_mask"], torch.ones_like(new)], dim=1)
+    full["mm_token_type_ids"] = torch.cat([full["mm_token_type_ids"], torch.zeros_like(new)], dim=1)
+    with torch.no_grad(), backend.inject(inserted, batch=batch):
+        logits = vlm.model(**full, use_cache=False).logits[:, -new.shape[1] - 1 : -1]
+    torch.testing.assert_close(steps, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_cached_training_equals_the_full_step_on_a_batch_of_sizes(vlm):
+    backend = vlm.backend
+    images = [photo(32, 32, 4), photo(64, 48, 5), photo(48, 64, 6)]
+    prompts = [backend.prompt(CAPTION, ["Bobby", "Alice"]), backend.prompt(CAPTION), backend.prompt(CAPTION, ["Bobby"])]
+    targets = ["Bobby and Alice are on the sofa .", "a dog is on the grass .", "Bobby is on the table ."]
+    counts = [2, 0, 1]
+    results = []
+    for cached in (False, True):
+        inserted = [v.requires_grad_(True) for v in vectors(vlm, counts)]
+        batch = backend.encode(images, prompts, counts, targets, with_pixels=not cached)
+        with backend.inject(inserted, batch=batch, record_attention=True):
+            loss = backend.cached_loss(batch, backend.cache_views(images)) if cached else backend.loss(batch)
+            regularizer = backend.regularizer(CAPTION)
+        (loss + regularizer).backward()
+        results.append((loss.detach(), regularizer.detach(), inserted[0].grad, inserted[2].grad))
+    for full, cached in zip(*results, strict=True):
+        torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
+
+
+def test_tower_patches_see_every_image_at_one_size(vlm):
+    patches = vlm.backend.tower_patches([photo(32, 32, 7), photo(64, 48, 8)])
+    assert patches.shape == (2, 64, vlm.backend.tower_width)  # at most 64x64 pixels in 8x8 patches
+
+
+def test_a_folder_without_a_chat_template_is_named(tmp_path):
+    folder = BUILDERS["qwen2_vl"](tmp_path / "model", 0)
+    (folder / "chat_template.jinja").unlink()
+    vlm = myvlm.load(str(folder))
+    with pytest.raises(MyVLMError, match="no chat template"):
+        vlm.caption([photo(32, 32, 0)])
