@@ -50,7 +50,7 @@ def builders() -> dict[str, tuple[callable, bool]]:
     return found
 
 
-def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int = 8):
+def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int = 8, names: int = 4):
     """Briefly pretrain a whole tiny VLM on toy-world captions, the way the toy models are: a scene is captioned
     ("a small red circle is on the left ."), and when a named object's vector sits in the concept slot (through the
     library's own injection) and its name is in the prompt, the caption names it ("Mia is a small red circle ...").
@@ -65,7 +65,8 @@ def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int =
 
     backend, width = vlm.backend, vlm.concept_width
     generator = torch.Generator().manual_seed(seed)
-    codes = {name: F.normalize(torch.randn(width, generator=generator), dim=0) for name in NAMES}
+    known = NAMES[:names]  # a few names, each seen often: a 2-layer model learns them in a few hundred steps
+    codes = {name: F.normalize(torch.randn(width, generator=generator), dim=0) for name in known}
     rng = np.random.default_rng(seed)
     vlm.model.train()
     vlm.model.requires_grad_(True)
@@ -75,7 +76,7 @@ def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int =
         for index in range(batch_size):
             scene = sample_scene(seed * 1_000_000 + step * batch_size + index)
             images.append(render_scene(scene))
-            name = NAMES[rng.integers(len(NAMES))] if rng.random() < 0.6 else None
+            name = known[rng.integers(len(known))] if rng.random() < 0.6 else None
             if name is None:
                 slots.append(torch.zeros(0, width))
                 targets.append(caption(with_names(scene, {})))
