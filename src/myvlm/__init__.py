@@ -1,7 +1,7 @@
-"""myvlm: personalize vision-language models (BLIP-2, LLaVA) to your own concepts, the MyVLM way.
+"""myvlm: personalize vision-language models (BLIP-2, LLaVA, Qwen2-VL, Idefics3, PaliGemma, ...) to your own concepts.
 
 import myvlm
-vlm = myvlm.load("toy-llava")                       # or a hub id / local folder of BLIP-2 or LLaVA
+vlm = myvlm.load("toy-llava")                       # or a hub id / local folder of a supported VLM
 result = vlm.learn("bobby", "Bobby", images, captions)
 vlm.caption(images, concepts=[["bobby"]] * len(images))
 head = myvlm.ObjectHead.train(images)                # or myvlm.FaceHead.enroll(photos) for a person
