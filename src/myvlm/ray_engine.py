@@ -6,8 +6,11 @@ the same result file (so a re-run resumes), through the same labelling code as t
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -139,6 +142,8 @@ def run_ray_job(
         results.close()
         return summary
     library = os.path.abspath(library) if library else None
+    logging.getLogger("ray").setLevel(logging.ERROR)  # Ray Data's own notes; failures still come back as errors
+    warnings.filterwarnings("ignore", module="ray")
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", include_dashboard=False)
     except (ConnectionError, RuntimeError, ValueError) as error:
@@ -150,7 +155,8 @@ def run_ray_job(
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # rows in the photos' order, as the local engine writes them
         context.enable_progress_bars = False  # ours counts photos written
-        dataset = ray.data.from_items([{"image": path} for path in pending])
+        blocks = max(1, min(math.ceil(len(pending) / batch_size), 64 * workers))  # enough to keep every actor busy
+        dataset = ray.data.from_items([{"image": path} for path in pending], override_num_blocks=blocks)
         dataset = dataset.map_batches(read_photos, batch_size=batch_size, batch_format="numpy", num_cpus=0)
         pool = ray.data.ActorPoolStrategy(size=workers)
         detect_share = DETECT_SHARE if kind == CAPTION else 1.0
