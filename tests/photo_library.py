@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from myvlm.library import ConceptLibrary, build_head
-from myvlm.toyworld import HEAD_ENCODER, concept_data, reference_vector, render_scene, sample_scene
+from myvlm.toyworld import concept_data, reference_vector, render_scene, sample_scene
 from myvlm.toyworld.data import CONCEPT_SEED_BASE
 
 CORRUPT = {"a/broken.png": b"\x89PNG\r\n\x1a\n truncated", "b/c/notes.jpg": b"not a photo", "b/empty.png": b""}

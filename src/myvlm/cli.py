@@ -357,6 +357,12 @@ def _photo_job(args, kind: str, labeler) -> list[tuple[dict, object]]:
     printed as its batch ends. Returns the labelled rows with thumbnails when --json or --report asks for them."""
     from myvlm.jobs import CAPTION, NoFile, open_results, run_job
 
+    if args.engine == "ray":
+        from myvlm.ray_engine import import_ray
+
+        import_ray()  # not installed: said before anything is read or written
+        if args.json or getattr(args, "report", None) or not args.out:
+            raise MyVLMError("--engine ray writes its rows to --out (.jsonl or .parquet), not --json or --report")
     results = open_results(args.out, kind) if args.out else NoFile()
     kept = []
     keep = bool(args.json or getattr(args, "report", None))
@@ -379,8 +385,6 @@ def _photo_job(args, kind: str, labeler) -> list[tuple[dict, object]]:
     if args.engine == "ray":
         from myvlm.ray_engine import run_ray_job
 
-        if keep or not args.out:
-            raise MyVLMError("--engine ray writes its rows to --out (.jsonl or .parquet), not --json or --report")
         summary = run_ray_job(
             args.images,
             kind,
