@@ -350,6 +350,10 @@ def cmd_caption(args) -> None:
         )
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _photo_job(args, kind: str, labeler) -> list[tuple[dict, object]]:
     """Run a caption or detect job over the photos (files and folders, walked recursively) with the chosen engine.
 
@@ -397,9 +401,12 @@ def _photo_job(args, kind: str, labeler) -> list[tuple[dict, object]]:
             gpus_per_worker=args.gpus_per_worker,
             address=args.address,
             quiet=args.quiet,
+            note=_say,
         )
     else:
-        summary = run_job(args.images, labeler, results, batch_size=args.batch_size, quiet=args.quiet, on_rows=on_rows)
+        summary = run_job(
+            args.images, labeler, results, batch_size=args.batch_size, quiet=args.quiet, on_rows=on_rows, note=_say
+        )
     if summary.failed and not summary.labeled and not summary.skipped:  # nothing could be read: one line, the reason
         first, count = summary.first_error, summary.failed
         raise MyVLMError(first if count == 1 else f"none of the {count} images could be read: {first}")

@@ -269,11 +269,13 @@ def run_job(
     batch_size: int,
     quiet: bool = False,
     on_rows: Callable[[list[dict], list[Image.Image | None]], None] | None = None,
+    note: Callable[[str], None] = lambda line: None,
 ) -> JobSummary:
     """Label every photo under `roots` that `results` does not hold yet, a batch at a time, appending its rows.
 
     `labeler` makes the batch labeler on the first readable photo (a job of unreadable or done photos loads no
-    model); the next batch is read while this one is labeled; `on_rows` sees each batch's rows and images."""
+    model); the next batch is read while this one is labeled; `on_rows` sees each batch's rows and images; `note`
+    gets the line for each unreadable photo or folder (the CLI prints them above the progress bar)."""
     from tqdm.auto import tqdm
 
     summary = JobSummary()
@@ -288,7 +290,8 @@ def run_job(
     bar = tqdm(total=total, disable=True if quiet or not total else None, unit="photo", desc="photos", file=sys.stderr)
 
     def say(line: str) -> None:
-        tqdm.write(line, file=sys.stderr) if not bar.disable else print(line, file=sys.stderr)
+        with tqdm.external_write_mode(file=sys.stderr):
+            note(line)
 
     pending = (p for p in walk_images(roots, warn=say) if str(p) not in results)
     batches = iter(lambda: list(islice(pending, batch_size)), [])

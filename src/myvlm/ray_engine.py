@@ -124,6 +124,7 @@ def run_ray_job(
     gpus_per_worker: float = 0.0,
     address: str | None = None,
     quiet: bool = False,
+    note=lambda line: None,
 ) -> JobSummary:
     """Label every photo under `roots` that `results` lacks on a Ray cluster (`address`; None starts a local one)."""
     from tqdm.auto import tqdm
@@ -191,7 +192,8 @@ def run_ray_job(
                     rows.append({"image": str(image), "error": str(error)})
                     summary.failed += 1
                     summary.first_error = summary.first_error or str(error)
-                    print(f"myvlm: skipping {error}", file=sys.stderr)
+                    with tqdm.external_write_mode(file=sys.stderr):
+                        note(f"myvlm: skipping {error}")
                 else:
                     rows.append({"image": str(image), **json.loads(labels)})
                     summary.labeled += 1
