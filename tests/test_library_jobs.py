@@ -67,6 +67,7 @@ def test_walk_is_recursive_sorted_and_never_leaves_its_roots(tmp_path):
     assert list(walk_images([root / "missing.jpg"])) == [root / "missing.jpg"]  # named: reported by name later
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_writes_every_photo_once_as_an_uninterrupted_run(photos, library, tmp_path):
     job = ["detect", str(photos), "--library", library, "--batch-size", "16", "--quiet"]
     whole = tmp_path / "whole.jsonl"
@@ -123,6 +124,7 @@ def test_a_torn_last_line_is_repaired_and_its_photo_written_once(photos, library
     assert "line 1 is not a myvlm result row" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_ray_engine_gives_the_local_engines_rows_on_200_photos(photos, library, tmp_path, capsys):
     try:
         import ray  # noqa: F401
