@@ -143,7 +143,7 @@ def run_ray_job(
         results.close()
         return summary
     library = os.path.abspath(library) if library else None
-    logging.getLogger("ray").setLevel(logging.ERROR)  # Ray Data's own notes; failures still come back as errors
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # Ray Data's own notes; failures still come back as errors
     warnings.filterwarnings("ignore", module="ray")
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", include_dashboard=False)
