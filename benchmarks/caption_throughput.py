@@ -8,7 +8,7 @@ process (Ray: its start and actor loading count, as a user waits for them). Peak
 size (`os.wait4`), `detect` by default (every stage but the captioner, whose memory is per batch: 10,000 captions take
 an hour here) or `caption` with --rss-command caption.
 
-    python benchmarks/caption_throughput.py [--photos 64] [--batch-size 16] [--rss-sizes 1000 10000]
+    python benchmarks/caption_throughput.py [--photos 64] [--batch-size 32] [--rss-sizes 1000 10000]
         [--rss-command detect] [--work DIR] [--json [FILE]]
 """
 
@@ -131,9 +131,9 @@ def run(args) -> dict:
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS, help="none: memory only")
     parser.add_argument("--photos", type=int, default=64, help="photos per throughput run")
-    parser.add_argument("--batch-size", type=int, default=16, help="the engines' batch size")
+    parser.add_argument("--batch-size", type=int, default=32, help="the engines' batch size")
     parser.add_argument("--rss-sizes", type=int, nargs="*", default=[1000, 10000])
     parser.add_argument("--rss-command", choices=["detect", "caption"], default="detect")
     parser.add_argument("--work", help="folder for photos, libraries and rows (kept; default: a new temporary one)")
