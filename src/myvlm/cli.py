@@ -358,7 +358,8 @@ def _photo_job(args, kind: str, labeler) -> list[tuple[dict, object]]:
     """Run a caption or detect job over the photos (files and folders, walked recursively) with the chosen engine.
 
     With --out, rows stream to that file (a re-run resumes) and a summary line is printed; without, each row is
-    printed as its batch ends. Returns the labelled rows with thumbnails when --json or --report asks for them."""
+    printed as its batch ends. Returns the labelled rows with thumbnails where the command writes them all at the end
+    (JSON, a report)."""
     from myvlm.jobs import CAPTION, NoFile, open_results, run_job
 
     if args.engine == "ray":
@@ -366,7 +367,7 @@ def _photo_job(args, kind: str, labeler) -> list[tuple[dict, object]]:
 
         import_ray()  # not installed: said before anything is read or written
         if args.json or getattr(args, "report", None) or not args.out:
-            raise MyVLMError("--engine ray writes its rows to --out (.jsonl or .parquet), not --json or --report")
+            raise MyVLMError("--engine ray writes its rows to --out (.jsonl or .parquet) only")
     results = open_results(args.out, kind) if args.out else NoFile()
     kept = []
     keep = bool(args.json or getattr(args, "report", None))
