@@ -147,8 +147,9 @@ def run_ray_job(
     warnings.filterwarnings("ignore", module="ray")
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", include_dashboard=False)
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        raise MyVLMError(f"cannot start or reach Ray{f' at {address}' if address else ''}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - Ray raises bare Exceptions (e.g. "timed out during startup")
+        detail = " ".join(str(error).splitlines())[:300]
+        raise MyVLMError(f"cannot start or reach Ray{f' at {address}' if address else ''}: {detail}") from None
     complete = False
     bar = tqdm(total=len(pending), disable=True if quiet else None, unit="photo", desc="photos", file=sys.stderr)
     try:
