@@ -22,6 +22,7 @@ import myvlm
 from myvlm import cli
 from myvlm.cli import main
 from myvlm.images import LOAD_PIXELS, load_image
+from myvlm.jobs import file_box
 from myvlm.library import ConceptLibrary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,8 +85,8 @@ def test_small_photos_and_pngs(tmp_path):
 def test_detected_boxes_are_in_the_files_pixels():
     image = gradient(1000, 500)
     image.info["original_size"] = (4000, 2000)
-    assert cli._file_box((10, 20, 30, 40), image) == [40.0, 80.0, 120.0, 160.0]
-    assert cli._file_box(None, image) is None
+    assert file_box((10, 20, 30, 40), image) == [40.0, 80.0, 120.0, 160.0]
+    assert file_box(None, image) is None
 
 
 # --- 2. concept heads from the public API; concepts without a head are named --------------------------------------

@@ -116,6 +116,24 @@ def _add_model_options(command) -> None:
     )
 
 
+def _add_job_options(command) -> None:
+    """Where a caption or detect job's rows go, and the engine that runs it (`_photo_job`)."""
+    command.add_argument(
+        "--out",
+        help="append one JSON row per photo to this .jsonl as each batch ends (a re-run resumes), or write .parquet",
+    )
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+    group = command.add_argument_group("engine")
+    group.add_argument(
+        "--engine", choices=["local", "ray"], default="local", help="local (default) or ray: a Ray Data pipeline"
+    )
+    group.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
+    group.add_argument("--workers", type=positive_int, default=2, help="Ray: actors per model stage (default: 2)")
+    group.add_argument(
+        "--gpus-per-worker", type=float, default=0.0, help="Ray: GPUs per captioning actor (default: 0; 0.5 shares)"
+    )
+
+
 def _load_options(args) -> dict:
     """myvlm.load's keyword arguments from the options `_add_model_options` adds."""
     return {
@@ -289,17 +307,9 @@ def _vision_towers(heads) -> dict:
     return {n: resolve_encoder(n) for n in names}
 
 
-def _file_box(box, image) -> list[float] | None:
-    """A box in the photo file's pixels: photos are reduced on load (images.LOAD_PIXELS), boxes are found on that."""
-    if not box:
-        return None
-    width, height = image.info.get("original_size", image.size)
-    sx, sy = width / image.width, height / image.height
-    return [round(v * s, 1) for v, s in zip(box, (sx, sy, sx, sy), strict=True)]
-
-
 def cmd_detect(args) -> None:
     from myvlm.heads import ConceptDetector
+    from myvlm.jobs import DETECT, Labeler
 
     library = _library(args)
     concepts = library.concepts()
@@ -308,55 +318,106 @@ def cmd_detect(args) -> None:
     _note_headless(concepts)
     if not heads:
         raise MyVLMError(f"no concepts with heads in {library.root}; add one with `myvlm concept add`")
-    images, names = _load_images(args.images, skip_bad=True)
-    found = ConceptDetector(heads, _vision_towers(heads)).detect(images)
-    results = [
-        {
-            "image": name,
-            "detections": [
-                {"concept": d.concept, "score": round(float(d.score), 4), "box": _file_box(d.box, image)}
-                for d in detections
-            ],
-        }
-        for name, image, detections in zip(names, images, found, strict=True)
-    ]
-    if args.json:
-        _write_json(args.json, results)
-    for row in results:
-        hits = ", ".join(f"{d['concept']} ({d['score']:.2f})" for d in row["detections"]) or "-"
-        print(f"{row['image']}: {hits}")
+    _photo_job(args, DETECT, lambda: Labeler(ConceptDetector(heads, _vision_towers(heads))))
 
 
 # --- model commands -------------------------------------------------------------------------------------------------
 def cmd_caption(args) -> None:
     from myvlm.hub import check_model_name
+    from myvlm.jobs import CAPTION, Labeler
 
     check_model_name(args.model)
-    images, names = _load_images(args.images, skip_bad=True)  # bad photos and names fail before the model loads
-    vlm = _load_model(args.model, checked=True, **_load_options(args))
-    loaded = _use_library(vlm, args)
-    captions = vlm.caption(images, batch_size=args.batch_size, progress=True)
-    results = [
-        {"image": n, "concepts": list(c.concepts), "caption": c.text} for n, c in zip(names, captions, strict=True)
-    ]
-    if args.json:
-        _write_json(args.json, results)
+    loaded = []
+
+    def labeler():
+        vlm = _load_model(args.model, checked=True, **_load_options(args))
+        loaded.extend(_use_library(vlm, args))
+        return Labeler(vlm.detector, vlm, args.batch_size)
+
+    kept = _photo_job(args, CAPTION, labeler)
     if args.report:
         from myvlm.report import write_report
 
-        rows = [
-            (img, r["image"], [", ".join(r["concepts"]) or "-", r["caption"]], bool(r["concepts"]))
-            for img, r in zip(images, results, strict=True)
+        table = [
+            (im, r["image"], [", ".join(r["concepts"]) or "-", r["caption"]], bool(r["concepts"])) for r, im in kept
         ]
         write_report(
             args.report,
             f"myvlm captions — {args.model}",
             ["concepts", "caption"],
-            rows,
-            {"model": args.model, "concepts loaded": ", ".join(loaded) or "none", "images": len(rows)},
+            table,
+            {"model": args.model, "concepts loaded": ", ".join(loaded) or "none", "images": len(kept)},
         )
-    for row in results:
-        print(f"{row['image']}: {row['caption']}")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _photo_job(args, kind: str, labeler) -> list[tuple[dict, object]]:
+    """Run a caption or detect job over the photos (files and folders, walked recursively) with the chosen engine.
+
+    With --out, rows stream to that file (a re-run resumes) and a summary line is printed; without, each row is
+    printed as its batch ends. Returns the labelled rows with thumbnails where the command writes them all at the end
+    (JSON, a report)."""
+    from myvlm.jobs import CAPTION, NoFile, open_results, run_job
+
+    if args.engine == "ray":
+        from myvlm.ray_engine import import_ray
+
+        import_ray()  # not installed: said before anything is read or written
+        if args.json or getattr(args, "report", None) or not args.out:
+            raise MyVLMError("--engine ray writes its rows to --out (.jsonl or .parquet) only")
+    results = open_results(args.out, kind) if args.out else NoFile()
+    kept = []
+    keep = bool(args.json or getattr(args, "report", None))
+
+    def on_rows(rows, images) -> None:
+        for row, image in zip(rows, images, strict=True):
+            if "error" in row:
+                continue
+            if not args.out:
+                if kind == CAPTION:
+                    print(f"{row['image']}: {row['caption']}", flush=True)
+                else:
+                    hits = ", ".join(f"{d['concept']} ({d['score']:.2f})" for d in row["detections"]) or "-"
+                    print(f"{row['image']}: {hits}", flush=True)
+            if keep:
+                thumbnail = image.copy()
+                thumbnail.thumbnail((256, 256))
+                kept.append((row, thumbnail))
+
+    if args.engine == "ray":
+        from myvlm.ray_engine import run_ray_job
+
+        summary = run_ray_job(
+            args.images,
+            kind,
+            results,
+            library=args.library,
+            model=getattr(args, "model", None),
+            load_options=_load_options(args) if kind == CAPTION else None,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            address=args.address,
+            quiet=args.quiet,
+            note=_say,
+        )
+    else:
+        summary = run_job(
+            args.images, labeler, results, batch_size=args.batch_size, quiet=args.quiet, on_rows=on_rows, note=_say
+        )
+    if summary.failed and not summary.labeled and not summary.skipped:  # nothing could be read: one line, the reason
+        first, count = summary.first_error, summary.failed
+        raise MyVLMError(first if count == 1 else f"none of the {count} images could be read: {first}")
+    if args.json:
+        _write_json(args.json, [row for row, _ in kept])
+    if args.out:
+        done = f"; {summary.skipped} done before" if summary.skipped else ""
+        unreadable = f", {summary.failed} unreadable" if summary.failed else ""
+        print(f"{kind}: {summary.labeled} photos{unreadable}{done}; rows in {args.out}")
+    return kept
 
 
 def cmd_ask(args) -> None:
@@ -584,6 +645,7 @@ def positive_int(text: str) -> int:
     return value
 
 
+BATCH_SIZE = 16  # captions at once (benchmarks/caption_throughput.py: toy-llava, batch 16-24 vs 1: 2.9-3.4x)
 MODEL_HELP = "hub id (e.g. Salesforce/blip2-flan-t5-xl), local model folder, toy-llava or toy-blip2"
 
 
@@ -647,8 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
     concept_check.add_argument("--json", action="store_true", help="print the statuses as JSON")
 
     detect = with_library(add("detect", cmd_detect, "find library concepts in photos"))
-    detect.add_argument("images", nargs="+", help="photos (files or folders)")
-    detect.add_argument("--json", help="write detections to this file")
+    detect.add_argument("images", nargs="+", help="photos (files or folders, walked recursively)")
+    detect.add_argument("--json", help="write [{image, concepts, detections}] to this file (small jobs)")
+    detect.add_argument("--batch-size", type=positive_int, default=32, help="photos detected at once (default: 32)")
+    _add_job_options(detect)
 
     train = with_library(add("train", cmd_train, "learn a concept's embedding for a model"))
     train.add_argument(
@@ -673,11 +737,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(train)
 
     caption = with_library(add("caption", cmd_caption, "caption photos, naming the concepts found in them"))
-    caption.add_argument("images", nargs="+", help="photos (files or folders)")
+    caption.add_argument("images", nargs="+", help="photos (files or folders, walked recursively)")
     caption.add_argument("--model", required=True, help=MODEL_HELP)
-    caption.add_argument("--batch-size", type=positive_int, default=8, help="photos captioned at once (default: 8)")
-    caption.add_argument("--json", help="write [{image, concepts, caption}] to this file")
-    caption.add_argument("--report", help="write an HTML report")
+    caption.add_argument(
+        "--batch-size", type=positive_int, default=BATCH_SIZE, help=f"photos captioned at once (default: {BATCH_SIZE})"
+    )
+    caption.add_argument("--json", help="write [{image, concepts, detections, caption}] to this file (small jobs)")
+    caption.add_argument("--report", help="write an HTML report (small jobs)")
+    _add_job_options(caption)
     _add_model_options(caption)
 
     ask = with_library(add("ask", cmd_ask, "ask a question about a photo"))
