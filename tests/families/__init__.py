@@ -50,7 +50,16 @@ def builders() -> dict[str, tuple[callable, bool]]:
     return found
 
 
-def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int = 8, names: int = 4):
+def pretraining_names(model_type: str) -> int:
+    """How many toy names the learning proof pretrains this family's fixture on (`PRETRAIN_NAMES` in its module)."""
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if model_type in module.BUILDERS:
+            return getattr(module, "PRETRAIN_NAMES", {}).get(model_type, 28)
+    raise KeyError(model_type)
+
+
+def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int = 8, names: int = 28):
     """Briefly pretrain a whole tiny VLM on toy-world captions, the way the toy models are: a scene is captioned
     ("a small red circle is on the left ."), and when a named object's vector sits in the concept slot (through the
     library's own injection) and its name is in the prompt, the caption names it ("Mia is a small red circle ...").
@@ -65,7 +74,7 @@ def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int =
 
     backend, width = vlm.backend, vlm.concept_width
     generator = torch.Generator().manual_seed(seed)
-    known = NAMES[:names]  # a few names, each seen often: a 2-layer model learns them in a few hundred steps
+    known = NAMES[:names]  # fewer names, each seen more often, where a family's fixture learns them slower
     codes = {name: F.normalize(torch.randn(width, generator=generator), dim=0) for name in known}
     rng = np.random.default_rng(seed)
     vlm.model.train()
