@@ -266,6 +266,14 @@ class Backend:
         return lam * torch.stack(self._injection.attention_terms).sum()
 
 
+def instruction(task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
+    """The user's words in every family's prompt: LLaVA's caption instruction naming the identifiers, or the
+    question."""
+    if task != CAPTION:
+        return question
+    return f"Please caption this image of {' and '.join(identifiers)}." if identifiers else "Please caption this image."
+
+
 def normalized(vectors: torch.Tensor) -> torch.Tensor:
     """Concept vectors are always L2-normalized before use (the official implementation does the same)."""
     return F.normalize(vectors.float(), dim=-1)

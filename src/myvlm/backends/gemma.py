@@ -31,15 +31,8 @@ from transformers import (
     PaliGemmaProcessor,
 )
 
-from myvlm.backends.base import CAPTION, VQA
+from myvlm.backends.base import CAPTION, VQA, instruction
 from myvlm.backends.sequence import SequenceBackend
-
-
-def instruction(task: str, identifiers: Sequence[str], question: str | None) -> str:
-    """The user's words: LLaVA's caption instruction naming the identifiers, or the question."""
-    if task != CAPTION:
-        return question
-    return f"Please caption this image of {' and '.join(identifiers)}." if identifiers else "Please caption this image."
 
 
 class PrefixBlockBackend(SequenceBackend):

@@ -25,7 +25,7 @@ from transformers import (
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
 
-from myvlm.backends.base import CAPTION, VQA
+from myvlm.backends.base import CAPTION, VQA, instruction
 from myvlm.backends.sequence import SequenceBackend
 from myvlm.errors import MyVLMError
 
@@ -77,12 +77,8 @@ class Idefics3Backend(SequenceBackend):
         return self.vision_tower(pixel_values=pixels).last_hidden_state
 
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
-        if task == CAPTION:
-            names = " and ".join(identifiers)
-            instruction = f"Please caption this image of {names}." if identifiers else "Please caption this image."
-        else:
-            instruction = question
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        words = instruction(task, identifiers, question)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
         owner = self.processor if self.processor.chat_template else self.tokenizer
         if not owner.chat_template:
             raise MyVLMError(f"the {self.family} model's processor has no chat template")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from myvlm.backends.base import CAPTION, VQA
+from myvlm.backends.base import CAPTION, VQA, instruction
 from myvlm.backends.sequence import SequenceBackend
 
 
@@ -29,12 +29,5 @@ class LlavaBackend(SequenceBackend):
         return self.model.model.vision_tower
 
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
-        if task == CAPTION:
-            instruction = (
-                f"Please caption this image of {' and '.join(identifiers)}."
-                if identifiers
-                else "Please caption this image."
-            )
-        else:
-            instruction = question
-        return f"USER: <image>\n{instruction} ASSISTANT:"
+        words = instruction(task, identifiers, question)
+        return f"USER: <image>\n{words} ASSISTANT:"

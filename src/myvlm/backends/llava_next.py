@@ -26,7 +26,7 @@ from transformers import (
     LlavaOnevisionProcessor,
 )
 
-from myvlm.backends.base import CAPTION, VQA
+from myvlm.backends.base import CAPTION, VQA, instruction
 from myvlm.backends.sequence import SequenceBackend
 
 
@@ -59,14 +59,10 @@ class LlavaNextBackend(SequenceBackend):
         return self.vision_tower(pixel_values=pixels).last_hidden_state[:, -patches:]
 
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
-        if task == CAPTION:
-            names = " and ".join(identifiers)
-            instruction = f"Please caption this image of {names}." if identifiers else "Please caption this image."
-        else:
-            instruction = question
+        words = instruction(task, identifiers, question)
         if not self.processor.chat_template:
-            return f"USER: <image>\n{instruction} ASSISTANT:"
-        return self._chat([self._message("user", instruction, image=True)], add_generation_prompt=True)
+            return f"USER: <image>\n{words} ASSISTANT:"
+        return self._chat([self._message("user", words, image=True)], add_generation_prompt=True)
 
     @cached_property
     def answer_end_id(self) -> int:

@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
-from myvlm.backends.base import CAPTION, VQA, Batch
+from myvlm.backends.base import CAPTION, VQA, Batch, instruction
 from myvlm.backends.sequence import SequenceBackend
 from myvlm.errors import MyVLMError
 
@@ -96,18 +96,11 @@ class Qwen2VLBackend(SequenceBackend):
         return self._prompts[key]
 
     def _chat_prompt(self, task: str, identifiers: Sequence[str], question: str | None) -> str:
-        if task == CAPTION:
-            instruction = (
-                f"Please caption this image of {' and '.join(identifiers)}."
-                if identifiers
-                else "Please caption this image."
-            )
-        else:
-            instruction = question
+        words = instruction(task, identifiers, question)
         template = self.processor.chat_template or self.tokenizer.chat_template
         if not template:
             raise MyVLMError(f"the {self.family} model folder has no chat template; save its processor with one")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
         return self.processor.apply_chat_template(
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
         )
