@@ -21,8 +21,7 @@ from PIL import Image
 import myvlm
 from myvlm import cli
 from myvlm.cli import main
-from myvlm.images import LOAD_PIXELS, load_image
-from myvlm.jobs import file_box
+from myvlm.images import LOAD_PIXELS, file_box, load_image
 from myvlm.library import ConceptLibrary
 
 ROOT = Path(__file__).resolve().parents[1]

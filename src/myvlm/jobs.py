@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from myvlm.errors import MyVLMError
-from myvlm.images import IMAGE_EXTENSIONS, load_image
+from myvlm.images import IMAGE_EXTENSIONS, file_box, load_image
 from myvlm.storage import explain_os_errors
 
 CAPTION, DETECT = "caption", "detect"
@@ -81,15 +81,6 @@ def row_key(image: str) -> int:
 
 
 # --- the result rows ------------------------------------------------------------------------------------------------
-def file_box(box, image: Image.Image) -> list[float] | None:
-    """A box in the photo file's pixels: photos are reduced on load (images.LOAD_PIXELS), boxes are found on that."""
-    if not box:
-        return None
-    width, height = image.info.get("original_size", image.size)
-    sx, sy = width / image.width, height / image.height
-    return [round(v * s, 1) for v, s in zip(box, (sx, sy, sx, sy), strict=True)]
-
-
 def detection_labels(detector, images: Sequence[Image.Image]) -> list[dict]:
     """Per photo: the concepts found (sorted) and each detection with its score and box; every head, one pass."""
     if detector is None:
