@@ -40,6 +40,24 @@ def word_tokenizer(specials: list[str], **special_tokens) -> PreTrainedTokenizer
     return fast
 
 
+def tiny_text(tokenizer, **fields) -> dict:
+    """The language model every fixture uses (2 layers of width 64, the tokenizer's special ids, untied embeddings:
+    tied tiny models repeat the last prompt token); `fields` change or add settings."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+        **fields,
+    }
+
+
 def builders() -> dict[str, tuple[callable, bool]]:
     """model_type -> (build, dynamic resolution), from every module of this package."""
     found = {}

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from families import word_tokenizer
+from families import tiny_text, word_tokenizer
 
 DYNAMIC_RESOLUTION = False
 IMAGE_SIZE, PATCH = 32, 8
@@ -100,17 +100,7 @@ def build_paligemma(folder: Path, seed: int, text_model: str = "gemma") -> Path:
     gemma2 = {"sliding_window": 12, "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 16}
     text = (Gemma2Config if text_model == "gemma2" else GemmaConfig)(
         **(gemma2 if text_model == "gemma2" else {}),
-        vocab_size=len(processor.tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=16,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        **tiny_text(tokenizer, vocab_size=len(processor.tokenizer), num_key_value_heads=1, head_dim=16),
     )
     config = PaliGemmaConfig(
         vision_config=_vision(),
@@ -141,20 +131,9 @@ def build_gemma3(folder: Path, seed: int) -> Path:
     )
     tokens_per_image = 4  # a square: the projector average-pools the 4x4 patch grid to 2x2
     text = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
+        **tiny_text(tokenizer, head_dim=16, query_pre_attn_scalar=16),
         sliding_window=12,  # shorter than a prompt, so the sliding layer's window really cuts
         layer_types=["sliding_attention", "full_attention"],
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
     )
     config = Gemma3Config(
         vision_config=_vision(),

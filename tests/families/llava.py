@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from families import word_tokenizer
+from families import tiny_text, word_tokenizer
 
 DYNAMIC_RESOLUTION = False
 SIZE, PATCH = 32, 8
@@ -31,18 +31,7 @@ def build(folder: Path, seed: int = 0) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    text = LlamaConfig(**tiny_text(tokenizer))
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
     )

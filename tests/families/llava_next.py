@@ -23,7 +23,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
-from families import word_tokenizer
+from families import tiny_text, word_tokenizer
 from myvlm.backends.llava_next import ImageOnlyOnevisionProcessor
 
 DYNAMIC_RESOLUTION = True  # anyres: the tile grid, so the token count, follows the image's aspect ratio
@@ -69,18 +69,7 @@ def build_llava_next(folder: Path, seed: int) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    text = LlamaConfig(**tiny_text(tokenizer))
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
@@ -123,18 +112,7 @@ def build_llava_onevision(folder: Path, seed: int) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
     )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    text = Qwen2Config(**tiny_text(tokenizer, bos_token_id=None))
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
