@@ -75,35 +75,38 @@ def concept_attention_term(injection, query, key, attention_mask, kwargs) -> tor
     """Σ over samples and concept rows of mean(p²) over heads and all key positions (the official normalization).
 
     query [B, H, S, d] (this pass's rows), key [B, KV, T, d] (with any cached prefix); the concept rows are
-    full-sequence positions, so row r of the sequence is query row r - (T - S)."""
+    full-sequence positions, so row r of the sequence is query row r - (T - S). All concept rows of the batch are
+    scored at once (one small product per layer, not one per row: the step is short and per-op overhead counts)."""
     batch = injection.batch
     if batch is None:
         raise RuntimeError("recording attention needs the batch: pass it to inject()/activate(), or use loss()")
+    pairs = [(b, row) for b, rows in enumerate(batch.concept_positions) for row in rows]
+    if not pairs:
+        return query.new_zeros((), dtype=torch.float32)
     heads, kv_heads = query.shape[1], key.shape[1]
     keys_total, offset = key.shape[2], key.shape[2] - query.shape[2]
+    samples = torch.tensor([b for b, _ in pairs], device=query.device)
+    rows = torch.tensor([row for _, row in pairs], device=query.device)
+    queries = query[samples, :, rows - offset]  # [N, H, d]
+    grouped = queries.view(len(pairs), kv_heads, heads // kv_heads, -1)  # head h reads key head h // (H / KV)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    scores = (grouped @ key[samples].transpose(-1, -2)).float().view(len(pairs), heads, keys_total) * scaling
     softcap = kwargs.get("softcap")
-    padding = batch.inputs["attention_mask"].to(query.device)
-    terms = []
-    for b, rows in enumerate(batch.concept_positions):
-        k = key[b].repeat_interleave(heads // kv_heads, dim=0)  # [H, T, d]
-        for row in rows:
-            r = row - offset
-            scores = (query[b, :, r : r + 1] @ k.transpose(-1, -2)).float() * scaling  # [H, 1, T]
-            if softcap:
-                scores = torch.tanh(scores / softcap) * softcap
-            scores = _masked(scores, attention_mask, b, r, row, padding[b, :keys_total])
-            probs = scores.softmax(dim=-1)
-            terms.append((probs**2).sum() / (heads * keys_total))
-    return torch.stack(terms).sum() if terms else query.new_zeros((), dtype=torch.float32)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    padding = batch.inputs["attention_mask"].to(query.device)[samples, :keys_total]
+    probs = _masked(scores, attention_mask, samples, rows - offset, rows, padding).softmax(dim=-1)
+    return (probs**2).sum() / (heads * keys_total)
 
 
-def _masked(scores, attention_mask, b: int, r: int, row: int, padding: torch.Tensor) -> torch.Tensor:
-    """The layer's own mask row where it has one (bool: keep, float: additive), else causal plus padding."""
+def _masked(scores, attention_mask, samples, query_rows, rows, padding) -> torch.Tensor:
+    """[N, H, T] scores under the layer's own mask rows where it has one (bool: keep, float: additive), else causal
+    plus padding."""
     if attention_mask is not None and attention_mask.dim() == 4:
-        mask = attention_mask[b if attention_mask.shape[0] > 1 else 0, :, r : r + 1]  # [1 or H, 1, T]
+        chosen = samples if attention_mask.shape[0] > 1 else torch.zeros_like(samples)
+        mask = attention_mask[chosen, :, query_rows]  # [N, 1 or H, T]
         if mask.dtype == torch.bool:
             return scores.masked_fill(~mask, float("-inf"))
         return scores + mask.float()
-    keep = torch.arange(scores.shape[-1], device=scores.device) <= row
-    return scores.masked_fill(~(keep & (padding != 0)), float("-inf"))
+    keep = torch.arange(scores.shape[-1], device=scores.device) <= rows[:, None]
+    return scores.masked_fill(~(keep & (padding != 0))[:, None], float("-inf"))

@@ -98,6 +98,7 @@ class Backend:
         self._injection: Injection | None = None
         self._handles: list = []
         self._prompt_ids: dict[tuple[str, tuple[int, int]], list[int]] = {}
+        self._answer_ids: dict[tuple[str, str], list[int]] = {}  # training asks for the same few every step
         self._register_hooks()
 
     # --- family specifics -------------------------------------------------------------------------------------
@@ -188,12 +189,17 @@ class Backend:
     def answer_ids(self, prompt: str, answer: str) -> list[int]:
         """Token ids of the answer + EOS: tokenize prompt and answer together (natural spacing), keep the tail. A
         prompt ending in whitespace (a chat template's assistant turn) takes the answer as it is."""
-        prompt_ids = self.tokenizer(prompt).input_ids
-        joined = f"{prompt}{answer}" if not prompt or prompt[-1].isspace() else f"{prompt} {answer}"
-        full_ids = self.tokenizer(joined).input_ids
-        if full_ids[: len(prompt_ids)] != prompt_ids:
-            raise MyVLMError("the tokenizer merges the prompt with the answer; end prompts with a space or colon")
-        return full_ids[len(prompt_ids) :] + [self.answer_end_id]
+        key = (prompt, answer)
+        if key not in self._answer_ids:
+            prompt_ids = self.tokenizer(prompt).input_ids
+            joined = f"{prompt}{answer}" if not prompt or prompt[-1].isspace() else f"{prompt} {answer}"
+            full_ids = self.tokenizer(joined).input_ids
+            if full_ids[: len(prompt_ids)] != prompt_ids:
+                raise MyVLMError("the tokenizer merges the prompt with the answer; end prompts with a space or colon")
+            if len(self._answer_ids) >= 4096:
+                self._answer_ids.clear()
+            self._answer_ids[key] = full_ids[len(prompt_ids) :] + [self.answer_end_id]
+        return list(self._answer_ids[key])
 
     @property
     def answer_end_id(self) -> int:
