@@ -90,7 +90,9 @@ def concept_attention_term(injection, query, key, attention_mask, kwargs) -> tor
     queries = query[samples, :, rows - offset]  # [N, H, d]
     grouped = queries.view(len(pairs), kv_heads, heads // kv_heads, -1)  # head h reads key head h // (H / KV)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
-    scores = (grouped @ key[samples].transpose(-1, -2)).float().view(len(pairs), heads, keys_total) * scaling
+    # One concept row per sample, in order (the usual training batch): the keys as they are, no gather to undo.
+    keys = key if [b for b, _ in pairs] == list(range(len(key))) else key[samples]
+    scores = (grouped @ keys.transpose(-1, -2)).float().view(len(pairs), heads, keys_total) * scaling
     softcap = kwargs.get("softcap")
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap

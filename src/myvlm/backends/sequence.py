@@ -187,12 +187,17 @@ class SequenceBackend(Backend):
         slots = (suffix == self.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, torch.cat(rests).to(embeds.dtype))
         extra = {k: v[:, split:] for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
+        # Logits only from the position before the earliest target on: the ones before predict no label.
+        labels = inputs["labels"][:, split:]
+        targets = (labels != -100).any(dim=0).nonzero()
+        keep = labels.shape[1] - max(int(targets[0]) - 1, 0) if len(targets) else 1
         output = self.model(
             inputs_embeds=embeds,
             attention_mask=mask,
             cache=cache,
             position_ids=_cut(positions, split, None),
-            labels=inputs["labels"][:, split:],
+            labels=labels[:, -keep:],
+            logits_to_keep=keep,
             use_cache=cache is not None,
             **{k: v for k, v in extra.items() if v.dim() == 2 and v.shape[1] == suffix.shape[1]},
         )
