@@ -7,7 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+from transformers import (
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMoeConfig,
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLProcessor,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from families import tiny_text, word_tokenizer
@@ -33,14 +39,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_qwen3_vl(folder: Path, seed: int) -> Path:
+def _build(folder: Path, seed: int, config_class, model_class, **text_fields) -> Path:
     torch.manual_seed(seed)
     tokens = word_tokenizer(SPECIALS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
     ids = tokens.convert_tokens_to_ids
     # head_dim 16: 8 rotary frequencies, interleaved t,h,w,t,... by mrope_section [4, 2, 2] (the real one: [24, 20, 20])
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2], "mrope_interleaved": True}
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
-    config = Qwen3VLConfig(
+    config = config_class(
         vision_config=dict(
             vision,
             patch_size=PATCH,
@@ -49,14 +55,14 @@ def build_qwen3_vl(folder: Path, seed: int) -> Path:
             num_position_embeddings=16,
             deepstack_visual_indexes=[0, 1],
         ),
-        text_config=tiny_text(tokens, head_dim=16, rope_parameters=rope),
+        text_config=tiny_text(tokens, head_dim=16, rope_parameters=rope, **text_fields),
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False,
     )
-    model = Qwen3VLForConditionalGeneration(config)
+    model = model_class(config)
     model.generation_config.eos_token_id = tokens.eos_token_id
     model.generation_config.pad_token_id = tokens.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(
@@ -69,4 +75,14 @@ def build_qwen3_vl(folder: Path, seed: int) -> Path:
     return folder
 
 
-BUILDERS = {"qwen3_vl": build_qwen3_vl}
+def build_qwen3_vl(folder: Path, seed: int) -> Path:
+    return _build(folder, seed, Qwen3VLConfig, Qwen3VLForConditionalGeneration)
+
+
+def build_qwen3_vl_moe(folder: Path, seed: int) -> Path:
+    """Its language model's MLPs are 4 experts, 2 per token."""
+    experts = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)
+    return _build(folder, seed, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, **experts)
+
+
+BUILDERS = {"qwen3_vl": build_qwen3_vl, "qwen3_vl_moe": build_qwen3_vl_moe}

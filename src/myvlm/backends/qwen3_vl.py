@@ -1,5 +1,5 @@
-"""Qwen3-VL: as Qwen2-VL (one extra `<|image_pad|>` at the end of its image's run, typed as text for M-RoPE), plus
-a zero deepstack row for the concept.
+"""Qwen3-VL and Qwen3-VL-MoE: as Qwen2-VL (one extra `<|image_pad|>` at the end of its image's run, typed as text
+for M-RoPE), plus a zero deepstack row for the concept.
 
 Qwen3-VL's tower also returns deepstack features, one [n_i, D] block per image for each of a few tower layers, which
 the language model adds to the hidden states of its first layers at the image-token positions (`visual_pos_masks`).
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+from transformers import Qwen3VLForConditionalGeneration, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor
 
 from myvlm.backends.base import Batch
 from myvlm.backends.qwen2_vl import Qwen2VLBackend
@@ -85,3 +85,11 @@ class Qwen3VLBackend(Qwen2VLBackend):
             yield
         finally:
             handle.remove()
+
+
+class Qwen3VLMoeBackend(Qwen3VLBackend):
+    """Qwen3-VL with mixture-of-experts MLPs in its language model: the same inputs, attention and deepstack."""
+
+    family = "qwen3_vl_moe"
+    model_types = ("qwen3_vl_moe",)
+    model_class = Qwen3VLMoeForConditionalGeneration
