@@ -49,7 +49,7 @@ class Qwen3VLBackend(Qwen2VLBackend):
 
     def merged(self, output, blocks: list[torch.Tensor]):
         """The encoder output with these blocks (concepts appended) and each deepstack block padded with a zero row
-        per concept; a new output, the caller's (generate keeps it) stays as it was."""
+        per concept, in a new output (the caller's stays as it was)."""
         deepstack = [
             [with_zero_rows(layer_block, len(block)) for layer_block, block in zip(layer, blocks, strict=True)]
             for layer in output.deepstack_features
