@@ -57,6 +57,7 @@ class Qwen3VLBackend(Qwen2VLBackend):
         return dataclasses.replace(output, pooler_output=blocks, deepstack_features=deepstack)
 
     def cache_views(self, images) -> list[DeepstackView]:
+        """Per image its merged tokens and its deepstack blocks, which cached training's passes need too."""
         output = self.image_features(self.model_inputs(Batch(self.pixel_inputs(images), [])))
         return [
             DeepstackView(tokens, deepstack=[layer[i] for layer in output.deepstack_features])
