@@ -11,7 +11,8 @@ from the generic probe (`myvlm.backends.attention`).
 A family says, by overriding the hooks below: how images become pixel inputs (`pixel_inputs`), how the image
 encoder's output splits into one [n_i, width] block per image and back (`split_images`, `merged`), which per-token
 inputs its slots need (`token_inputs`, e.g. M-RoPE or prefix-LM token types), positions for a split sequence
-(`position_ids`), its prompts, and its vision tower.
+(`position_ids`), image features its language model takes besides the input embeddings (`image_pass`, cached
+training), its prompts, and its vision tower.
 
 Cached training: every token before the earliest concept token is causally independent of the concept vector, so its
 keys and values are computed once per image view without gradients and each step runs only the suffix. Families whose
@@ -20,6 +21,7 @@ image block attends bidirectionally (`bidirectional_image = True`) split before 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,6 +92,12 @@ class SequenceBackend(Backend):
     def slot_index(self, prompt_ids: list[int]) -> int:
         """Where a row's concept tokens go: right after its image's last image token."""
         return len(prompt_ids) - prompt_ids[::-1].index(self.image_token_id)
+
+    def image_pass(self, ids: torch.Tensor, views: Sequence[SequenceView], starts: Sequence[int]):
+        """Context of one cached-training pass over `ids`, whose row i's image slots take views[i]'s image tokens
+        (concepts appended) from starts[i] on. Families whose language model takes image features beyond the input
+        embeddings (Qwen3-VL's deepstack) hand them over here; the input embeddings are filled in already."""
+        return contextlib.nullcontext()
 
     # --- shared -------------------------------------------------------------------------------------------------
     def _register_hooks(self) -> None:
@@ -179,9 +187,10 @@ class SequenceBackend(Backend):
             layers = zip(*prefixes, strict=True)  # per layer, each sample's (key, value)
             cache = DynamicCache([tuple(torch.cat(kv) for kv in zip(*layer, strict=True)) for layer in layers])
         # Image slots after the split get the rest of that sample's image tokens (with its concepts).
+        starts = image[:, :split].sum(dim=1).tolist()
         rests = []
-        for b, (view, vectors) in enumerate(zip(views, self.injection.vectors, strict=True)):
-            rests.append(self.with_concepts(view.image_tokens, vectors)[int(image[b, :split].sum()) :])
+        for view, vectors, start in zip(views, self.injection.vectors, starts, strict=True):
+            rests.append(self.with_concepts(view.image_tokens, vectors)[start:])
         suffix = ids[:, split:]
         embeds = self.model.get_input_embeddings()(suffix)
         slots = (suffix == self.image_token_id).unsqueeze(-1)
@@ -191,16 +200,17 @@ class SequenceBackend(Backend):
         labels = inputs["labels"][:, split:]
         targets = (labels != -100).any(dim=0).nonzero()
         keep = labels.shape[1] - max(int(targets[0]) - 1, 0) if len(targets) else 1
-        output = self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            cache=cache,
-            position_ids=_cut(positions, split, None),
-            labels=labels[:, -keep:],
-            logits_to_keep=keep,
-            use_cache=cache is not None,
-            **{k: v for k, v in extra.items() if v.dim() == 2 and v.shape[1] == suffix.shape[1]},
-        )
+        with self.image_pass(suffix, views, starts):
+            output = self.model(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                cache=cache,
+                position_ids=_cut(positions, split, None),
+                labels=labels[:, -keep:],
+                logits_to_keep=keep,
+                use_cache=cache is not None,
+                **{k: v for k, v in extra.items() if v.dim() == 2 and v.shape[1] == suffix.shape[1]},
+            )
         return output.loss
 
     @torch.no_grad()
@@ -217,7 +227,7 @@ class SequenceBackend(Backend):
             slots = (ids[rows] == self.image_token_id).unsqueeze(-1)
             image_rows = [views[b].image_tokens[: int(slots[i].sum())] for i, b in enumerate(rows)]
             embeds = embeds.masked_scatter(slots, torch.cat(image_rows).to(embeds.dtype))
-            with self.hooks_off():
+            with self.hooks_off(), self.image_pass(ids[rows], [views[b] for b in rows], [0] * len(rows)):
                 cache = self.language_model(
                     inputs_embeds=embeds,
                     attention_mask=mask[rows],
