@@ -12,7 +12,8 @@ as `concept add` does for concepts sharing a class word. Faces: identities are s
 of the per-person threshold is fitted on one half and measured on the other, every face of every other photo
 (group photos included) a stranger.
 
-    python benchmarks/heads.py [--data ../shared/data] [--views 44] [--splits 10] [--cache F] [--no-write]
+    python benchmarks/heads.py [--data ../shared/data] [--encoder efficientnet-lite2] [--views 44] [--splits 10]
+                               [--cache F] [--no-write]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import csv
 import itertools
 import random
 import re
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 from tqdm import tqdm
 
 from myvlm.heads import embed_regions, get_encoder, get_face_backend
+from myvlm.heads.encoders import DEFAULT_ENCODER
 from myvlm.heads.faces import MIN_THRESHOLD_FRACTION, SPREAD_FACTOR
 from myvlm.heads.objects import (
     LOO_STD_FACTOR,
@@ -156,15 +159,16 @@ def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
     return recall, precision, f1
 
 
-def object_features(data: Path, views: int, cache: Path | None) -> dict:
+def object_features(data: Path, views: int, cache: Path | None, encoder_name: str = DEFAULT_ENCODER) -> dict:
     """Region features of every photo, each subject photo's own and `views` augmented views' features made by
     `photo_view_features` as `concept add` makes them, and the procedural negatives' features."""
     if cache is not None and cache.exists():
         features = torch.load(cache)
-        if features.get("views_per_photo") != views:
-            raise SystemExit(f"{cache} holds {features.get('views_per_photo')} views per photo, not {views}")
+        held = (features.get("encoder", DEFAULT_ENCODER), features.get("views_per_photo"))
+        if held != (encoder_name, views):
+            raise SystemExit(f"{cache} holds features of {held}, not {(encoder_name, views)}")
         return features
-    encoder = get_encoder()
+    encoder = get_encoder(encoder_name)
     subjects = sorted(p.name for p in (data / "dreambooth").iterdir() if p.is_dir())
     items = [(s, p) for s in subjects for p in collect_images([data / "dreambooth" / s])]
     items += [("negatives", p) for p in collect_images([data / "negatives"])]
@@ -181,6 +185,7 @@ def object_features(data: Path, views: int, cache: Path | None) -> dict:
         "regions": regions,
         "views": view_features,
         "views_per_photo": views,
+        "encoder": encoder_name,
         "generic": generic_negative_features(encoder),
     }
     if cache is not None:
@@ -270,16 +275,19 @@ def add(a: list[int], b: list[int]) -> list[int]:
     return [x + y for x, y in zip(a, b, strict=True)]
 
 
-def cross_validate(bench: ObjectBench, rules: list, splits: int, seed: int = 0, **kw) -> tuple[list[int], Counter]:
-    """Held-out-subject [TP, FP, FN]: per split, each half's rule fitted on it alone, measured on the other half.
-    Fitting maximizes F-beta (beta 0.5) with a margin; ties go to the higher thresholds (a false accept is worse
-    than a miss)."""
+def cross_validate(
+    bench: ObjectBench, rules: list, splits: int, seed: int = 0, **kw
+) -> tuple[list[int], Counter, list[float]]:
+    """Held-out-subject [TP, FP, FN], the rules picked and each split's F1: per split, each half's rule fitted on it
+    alone, measured on the other half. Fitting maximizes F-beta (beta 0.5) with a margin; ties go to the higher
+    thresholds (a false accept is worse than a miss)."""
     rng = random.Random(seed)
-    total, picks = [0, 0, 0], Counter()
+    total, picks, per_split = [0, 0, 0], Counter(), []
     for _ in range(splits):
         order = bench.subjects[:]
         rng.shuffle(order)
         halves = order[: len(order) // 2], order[len(order) // 2 :]
+        split = [0, 0, 0]
         for fit, test in (halves, halves[::-1]):
             within = set(fit) | {"negatives"}
             rule = max(
@@ -290,8 +298,15 @@ def cross_validate(bench: ObjectBench, rules: list, splits: int, seed: int = 0, 
                 ),
             )
             picks[rule] += 1
-            total = add(total, bench.counts(rule, test, **kw))
-    return total, picks
+            split = add(split, bench.counts(rule, test, **kw))
+        total = add(total, split)
+        per_split.append(f1(*split))
+    return total, picks, per_split
+
+
+def spread(values: list[float]) -> str:
+    mean, sd = statistics.mean(values), statistics.pstdev(values)
+    return f"mean {mean:.3f}, sd {sd:.3f}, range {min(values):.3f}-{max(values):.3f}"
 
 
 def row(name: str, counts: list[int]) -> str:
@@ -300,15 +315,17 @@ def row(name: str, counts: list[int]) -> str:
     )
 
 
-def benchmark_objects(data: Path, views: int, splits: int, cache: Path | None) -> tuple[list[str], dict]:
+def benchmark_objects(
+    data: Path, views: int, splits: int, cache: Path | None, encoder_name: str = DEFAULT_ENCODER
+) -> tuple[list[str], dict]:
     started = time.perf_counter()
     with open(data / "dreambooth" / "classes.csv") as handle:
         classes = {r["subject"]: r["class"] for r in csv.DictReader(handle)}
-    bench = ObjectBench(object_features(data, views, cache), classes)
-    shipped = (LOO_STD_FACTOR, *get_encoder().similarity_band)
+    bench = ObjectBench(object_features(data, views, cache, encoder_name), classes)
+    shipped = (LOO_STD_FACTOR, *get_encoder(encoder_name).similarity_band)
     rules = list(itertools.product(STD_FACTORS, BAND_LOWS, BAND_HIGHS))
     rules = [r for r in rules if r[1] < r[2]]
-    held_out, picks = cross_validate(bench, rules, splits)
+    held_out, picks, per_split = cross_validate(bench, rules, splits)
     everyone = set(bench.subjects) | {"negatives"}
     fitted_on_all = max(
         rules,
@@ -317,14 +334,14 @@ def benchmark_objects(data: Path, views: int, splits: int, cache: Path | None) -
             bench.mean_threshold(r, bench.subjects),
         ),
     )
-    held_out_rivals, _ = cross_validate(bench, rules, splits, rivals=True)
+    held_out_rivals, _, per_split_rivals = cross_validate(bench, rules, splits, rivals=True)
     within = bench.counts(shipped, bench.subjects)
     same_kind = {name: bench.counts(shipped, sorted(group), within=group) for name, group in GROUPS.items()}
     same_kind_rivals = {
         name: bench.counts(shipped, sorted(group), within=group, rivals=True) for name, group in GROUPS.items()
     }
     lines = [
-        f"Objects (EfficientNet-Lite0, {OBJECT_SHOTS} training photos, {views} augmented views per photo "
+        f"Objects ({encoder_name}, {OBJECT_SHOTS} training photos, {views} augmented views per photo "
         f"({', '.join(f'{count} {family}' for family, count in view_counts(views).items())}), "
         f"{len(bench.items)} photos, rules: std factor x band low x band high, {len(rules)} rules; {splits} random "
         f"splits of the 20 subjects into halves, both ways; {time.perf_counter() - started:.0f} s):",
@@ -343,12 +360,16 @@ def benchmark_objects(data: Path, views: int, splits: int, cache: Path | None) -
         row("**same kind, all groups** (shipped rule)", total_same),
         row("**same kind, all groups, calibrated together**", total_rivals),
         "",
+        f"Held-out-subject F1 of each split (both halves measured): {spread(per_split)}; calibrated together: "
+        f"{spread(per_split_rivals)}.",
+        "",
         "Rules picked by the fits (std factor, band low, band high: times): "
         + ", ".join(f"{rule}: {count}" for rule, count in picks.most_common(6))
         + f"; fitted on all 20 subjects (the shipped default must be this one): {fitted_on_all}.",
     ]
     summary = {
         "held_out_f1": f1(*held_out),
+        "held_out_split_f1": spread(per_split),
         "held_out_rivals_f1": f1(*held_out_rivals),
         "within_f1": f1(*within),
         "same_kind_f1": f1(*total_same),
@@ -462,6 +483,7 @@ def write_section(lines: list[str], path: Path = ROOT / "RESULTS.md") -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=ROOT.parent.parent / "shared" / "data")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, help="object encoder (default: concept add's)")
     parser.add_argument(
         "--views", type=int, default=VIEWS_PER_PHOTO, help="augmented views per photo (default: concept add's)"
     )
@@ -470,9 +492,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
     torch.manual_seed(0)
-    object_lines, object_summary = benchmark_objects(args.data, args.views, args.splits, args.cache)
+    object_lines, object_summary = benchmark_objects(args.data, args.views, args.splits, args.cache, args.encoder)
     face_lines, face_summary = benchmark_faces(args.data, args.splits)
-    command = f"OMP_NUM_THREADS=1 python benchmarks/heads.py --views {args.views} --splits {args.splits}"
+    encoder = f" --encoder {args.encoder}" if args.encoder != DEFAULT_ENCODER else ""
+    command = f"OMP_NUM_THREADS=1 python benchmarks/heads.py{encoder} --views {args.views} --splits {args.splits}"
     lines = [f"Command: `{command}`", "", *object_lines, "", *face_lines, "", PROTOCOL_NOTES, "", OBJECT_ABLATIONS]
     print("\n".join(lines))
     print(object_summary, face_summary)
