@@ -160,11 +160,13 @@ two subjects of one class; its case is a user's two dogs. Same-kind groups are t
 hold: plush toys (bear vs sloth, cosine 0.78 to each other's prototype) and dogs (0.74-0.75).
 
 Timing of `myvlm concept add NAME --kind object --images <4 photos of backpack/ or cat/>` with 11 views and the 4x4
-windows (2026-12-02, AMD EPYC, 2 cores; the machine shared with two other single-core jobs, load average 3.7): 23.0 /
-23.1 s wall (15.1 / 15.4 s user CPU, 0.70 GB peak RSS) with torch's default 2 threads, which contend with the other
-jobs; 23.9 / 21.4 s at load average 2.1 (one other job); 13.8 s wall (7.5 s user) with OMP_NUM_THREADS=1 at load average
-3.3. In-process, one thread: import 2.3 s, procedural negatives 1.7 s, 4 photos' regions 0.3 s, 44 views 3.4 s. Earlier,
-with 44 views and 5x5 windows on the idle machine (load average 1.1): 15.5 / 15.0 s wall."""
+windows (2026-12-02, AMD EPYC, 2 cores, fresh library each time; never an idle machine that hour: other sessions'
+single-core jobs ran throughout). As shipped, the CLI builds an object head with torch on one thread (`_on_one_thread`):
+backpack 9.9 / 10.2 s wall (7.8 / 8.0 s user CPU, 0.65 GB peak RSS) and cat 14.6 s at load average 1.9. Before, on
+torch's default 2 threads, which spin against the other jobs: 22.7 s wall (20.7 s user) at load average 1.9, against
+11.1 s (8.5 s user) with OMP_NUM_THREADS=1 at 2.2, run back to back; 23.0 / 23.1 s at 3.7. In-process, one thread:
+import 2.3 s, procedural negatives 1.7 s, 4 photos' regions 0.3 s, 44 views 3.4 s. Earlier, with 44 views and 5x5
+windows on the idle machine (load average 1.1, 2 threads): 15.5 / 15.0 s wall."""
 
 
 def prf(tp: int, fp: int, fn: int) -> tuple[float, float, float]:
