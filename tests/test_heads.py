@@ -197,3 +197,27 @@ def test_of_two_rival_heads_firing_on_one_region_the_closer_one_wins(colour_enco
     assert [d.concept for d in apart] == ["red", "orange"]  # both fire: neither knows the other
     rivals = ConceptDetector({"red": head(red, ["orange"]), "orange": head(orange)}).detect([photo])[0]
     assert [(d.concept, d.box) for d in rivals] == [("red", (0.0, 0.0, 32.0, 32.0))]  # one region: the whole photo
+
+
+def test_concept_add_builds_an_object_head_on_one_thread_and_restores_torchs(colour_encoder, tmp_path, monkeypatch):
+    from myvlm.cli import main
+
+    threads_seen = []
+    embed = colour_encoder.embed
+    monkeypatch.setattr(
+        colour_encoder, "embed", lambda images: threads_seen.append(torch.get_num_threads()) or embed(images)
+    )
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    paths = []
+    for index, colour in enumerate([(250, 0, 0), (240, 10, 0), (245, 5, 5)]):
+        paths.append(str(tmp_path / f"red{index}.png"))
+        solid(colour).save(paths[-1])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        add = ["concept", "add", "red", "--kind", "object", "--images", *paths, "--encoder", ColourEncoder.name]
+        assert main([*add, "--library", str(tmp_path / "library")]) == 0
+        assert threads_seen and set(threads_seen) == {1}  # every encoder pass ran on one thread...
+        assert torch.get_num_threads() == 2  # ...and torch's own setting is back for whatever runs next
+    finally:
+        torch.set_num_threads(previous)

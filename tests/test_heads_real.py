@@ -73,10 +73,24 @@ def test_regions_come_from_one_pass_and_follow_the_mirror_image():
     encoder = get_encoder()
     photo = load_image(photos("dreambooth", "can")[0])
     regions = embed_regions(encoder, [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
-    assert regions.shape == (2, 10, encoder.dim)  # the whole photo, then the 3x3 grid of 5x5-cell windows
+    # the whole photo, then the 3x3 grid of 5x5-cell windows and the 4x4 grid of 4x4-cell windows of the 7x7 map
+    assert regions.shape == (2, 1 + 9 + 16, encoder.dim)
+    assert encoder.region_boxes().shape == (1 + 9 + 16, 4)
     torch.testing.assert_close(regions[0, 0], encoder.embed([photo])[0])
-    mirrored_grid = regions[1, 1:].reshape(3, 3, -1).flip(1).reshape(9, -1)
-    assert (regions[0, 1:] * mirrored_grid).sum(-1).min() > 0.99  # mirror-averaged: the same windows, mirrored
+    for start, side in ((1, 3), (10, 4)):
+        grid = slice(start, start + side * side)
+        mirrored_grid = regions[1, grid].reshape(side, side, -1).flip(1).reshape(side * side, -1)
+        assert (regions[0, grid] * mirrored_grid).sum(-1).min() > 0.99  # mirror-averaged: the same windows, mirrored
+
+
+def test_lite2_encoder_loads_its_packaged_imagenet_weights():
+    encoder = get_encoder("efficientnet-lite2")
+    dog = load_image(photos("dreambooth", "dog")[0])
+    logits = encoder.model(encoder.preprocess(dog)[None])
+    assert 151 <= int(logits.argmax()) <= 268  # an ImageNet dog breed: the Lite2 stages match the shipped weights
+    # the whole photo, the 3x3 grid of 7x7-cell and the 4x4 grid of 6x6-cell windows of the 9x9 map
+    assert embed_regions(encoder, [dog]).shape == (1, 1 + 9 + 16, encoder.dim)
+    assert encoder.region_boxes().shape == (1 + 9 + 16, 4)
 
 
 def test_mixed_detector_and_saved_heads_agree(people, backpack):

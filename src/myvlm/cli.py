@@ -162,10 +162,27 @@ def _build_head(args, kind: str):
         from myvlm.model import resolve_encoder
 
         encoder = resolve_encoder(encoder)
-    head = build_head(kind, images, negatives, sources=names, encoder=encoder)
+    if kind == "object" and isinstance(encoder, str) and "OMP_NUM_THREADS" not in os.environ:
+        head = _on_one_thread(build_head, kind, images, negatives, sources=names, encoder=encoder)
+    else:
+        head = build_head(kind, images, negatives, sources=names, encoder=encoder)
     for note in head.notes:
         print(f"myvlm: warning: {note}", file=sys.stderr)
     return head, len(images)
+
+
+def _on_one_thread(function, *args, **kwargs):
+    """Run `function` with torch on one thread. A registry encoder (EfficientNet-Lite0) runs small batches of a
+    mobile network, which a second thread barely speeds up and, where other jobs share the cores, slows down: `concept
+    add` of 4 photos took 22.7 s on torch's default 2 threads and 11.1 s on one (benchmarks/RESULTS.md)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return function(*args, **kwargs)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def cmd_concept_add(args) -> None:

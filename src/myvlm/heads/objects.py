@@ -5,7 +5,7 @@ only ones we can ship), a probe trained with the official recipe (AdamW, 500 ste
 separate "any real photo" from synthetic negatives and fires on every dog for a dog concept (F1 0.52-0.82 on the
 benchmark). The mean direction of many augmented views (tilted and cropped, recoloured, zoomed out), thresholded at
 a leave-one-out calibrated cosine and applied to the best-matching region of a photo, is the linear layer that
-generalizes (held-out-subject F1 0.95); see benchmarks/RESULTS.md."""
+generalizes (held-out-subject F1 0.956, rules fitted on other subjects); see benchmarks/RESULTS.md."""
 
 from __future__ import annotations
 
