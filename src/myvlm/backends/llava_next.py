@@ -37,11 +37,6 @@ class LlavaNextBackend(SequenceBackend):
     processor_class = LlavaNextProcessor
     reg_lambda = {CAPTION: 0.0075, VQA: 10.0}
 
-    def __init__(self, model: torch.nn.Module, processor) -> None:
-        super().__init__(model, processor)
-        if self.tokenizer.pad_token is None:  # Llama-style tokenizers ship without one; batches need it
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-
     @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
