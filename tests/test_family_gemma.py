@@ -169,3 +169,13 @@ def test_gemma3_cached_step_equals_the_full_one_when_the_text_before_the_image_o
     full = step()
     for ours, theirs in zip(step(backend.cache_views(images)), full, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_gemma3_folder_without_chat_template_is_one_clear_error(tmp_path):
+    from families.gemma import build_gemma3
+
+    folder = build_gemma3(tmp_path / "gemma3", 0)
+    (folder / "chat_template.jinja").unlink()
+    vlm = myvlm.load(str(folder))
+    with pytest.raises(myvlm.MyVLMError, match="gemma3 model folder has no chat template"):
+        vlm.caption([photo(0)], [[]], max_new_tokens=2)
