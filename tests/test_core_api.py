@@ -156,3 +156,16 @@ def test_training_loop_matches_the_reference_loop_bit_for_bit(make):
     expected, expected_losses = reference_learn(make(), "bobby", "Bobby", photos(2), examples, config)
     result = learn_concept(make(), "bobby", "Bobby", photos(2), examples, config, views_per_image=None, progress=False)
     assert torch.equal(result.vector, expected) and result.losses == expected_losses
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "RGB"])
+def test_augmentation_takes_every_photo_mode(mode):
+    """A grayscale or transparent photo handed to `learn` as it is (no load_image) trains like an RGB one."""
+    from PIL import Image
+
+    from myvlm.augment import augment
+
+    image = Image.new("RGB", (32, 24), (200, 100, 50)).convert(mode)
+    view = augment(image, np.random.default_rng(0), flip_p=0.0, brightness=0.0, max_degrees=30.0)
+    assert view.mode == mode and view.size == image.size
+    assert view.getpixel((0, 0)) in (0, (0, 0, 0, 0), (0, 0, 0))  # a rotated-in corner is black

@@ -136,3 +136,46 @@ def test_paligemma2_regularizer_and_cached_step_follow_softcapped_sliding_attent
     cached, _ = step(backend.cache_views(images))
     for ours, theirs in zip(cached, full, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_gemma3_cached_step_equals_the_full_one_when_the_text_before_the_image_outgrows_the_sliding_window(tmp_path):
+    """A sliding-window layer's own cache keeps only its window: the cached prefix must keep every key, as the full
+    forward sees them (here the window, 2, is shorter than the text before the image block)."""
+    import json
+
+    from families.gemma import build_gemma3
+
+    folder = build_gemma3(tmp_path / "gemma3", 0)
+    config = json.loads((folder / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 2
+    (folder / "config.json").write_text(json.dumps(config))
+    vlm = myvlm.load(str(folder))
+    backend = vlm.backend
+    images = [photo(0), photo(1)]
+    prompts = [backend.prompt("caption", ["Bobby"]), backend.prompt("vqa", question="Where is Bobby ?")]
+    batch = backend.encode(images, prompts, [1, 1], ["Bobby is on the left .", "on the left"])
+    assert min(row.index(backend.image_token_id) for row in batch.inputs["input_ids"].tolist()) > 2
+
+    def step(views=None):
+        v = torch.nn.Parameter(torch.randn(vlm.concept_width, generator=torch.Generator().manual_seed(3)))
+        vlm.add_concept("bobby", "Bobby", v.detach())
+        vlm.concepts.set("bobby", v)
+        with vlm.activate([["bobby"]] * 2, record_attention=True, batch=batch):
+            loss = backend.loss(batch) if views is None else backend.cached_loss(batch, views)
+            reg = backend.regularizer("caption")
+        (loss + reg).backward()
+        return loss.detach(), reg.detach(), v.grad
+
+    full = step()
+    for ours, theirs in zip(step(backend.cache_views(images)), full, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_gemma3_folder_without_chat_template_is_one_clear_error(tmp_path):
+    from families.gemma import build_gemma3
+
+    folder = build_gemma3(tmp_path / "gemma3", 0)
+    (folder / "chat_template.jinja").unlink()
+    vlm = myvlm.load(str(folder))
+    with pytest.raises(myvlm.MyVLMError, match="gemma3 model folder has no chat template"):
+        vlm.caption([photo(0)], [[]], max_new_tokens=2)

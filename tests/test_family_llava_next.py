@@ -120,3 +120,17 @@ def test_cached_step_equals_full_step_across_aspect_ratios(vlm):
 def test_tower_patches_are_the_base_views_tokens(vlm):
     patches = vlm.backend.tower_patches(images()[:2])
     assert patches.shape == (2, (TILE // PATCH) ** 2, vlm.backend.tower_width)
+
+
+def test_a_chat_template_kept_only_by_the_tokenizer_is_the_prompt(tmp_path):
+    """Older folders keep the chat template in tokenizer_config.json alone: it is used, not LLaVA-1.5's prompt."""
+    import json
+
+    folder = BUILDERS["llava_next"](tmp_path / "llava_next", 0)
+    template = (folder / "chat_template.jinja").read_text()
+    (folder / "chat_template.jinja").unlink()
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": template}))
+    backend = myvlm.load(str(folder)).backend
+    assert backend.prompt("caption", ["Bobby"]).endswith("[INST] <image>\nPlease caption this image of Bobby. [/INST]")
+    assert backend.answer_end_id == backend.tokenizer.eos_token_id

@@ -123,3 +123,23 @@ def test_a_folder_without_a_chat_template_is_named(tmp_path):
     vlm = myvlm.load(str(folder))
     with pytest.raises(MyVLMError, match="no chat template"):
         vlm.caption([photo(32, 32, 0)])
+
+
+@pytest.mark.parametrize("halves", ["left-right", "top-bottom"])
+def test_tower_patches_come_row_by_row_as_region_boxes_read_them(vlm, halves):
+    """The processor flattens patches merge block by merge block and Qwen2.5-VL's tower returns them window by
+    window: `tower_patches` puts them back row by row, so each patch's features sit where its box says (a photo
+    half black, half white: every patch lies nearer the mean of its own half)."""
+    picture = Image.new("RGB", (64, 64), "black")
+    picture.paste(
+        Image.new("RGB", (32, 64) if halves == "left-right" else (64, 32), "white"),
+        (32, 0) if halves == "left-right" else (0, 32),
+    )
+    features = vlm.backend.tower_patches([picture])[0]
+    side = int(features.shape[0] ** 0.5)
+    grid = features.view(side, side, -1)
+    white = torch.zeros(side, side, dtype=torch.bool)
+    white[:, side // 2 :] = halves == "left-right"
+    white[side // 2 :, :] |= halves == "top-bottom"
+    nearer_white = (grid - grid[white].mean(0)).norm(dim=-1) < (grid - grid[~white].mean(0)).norm(dim=-1)
+    assert torch.equal(nearer_white, white)

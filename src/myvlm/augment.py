@@ -20,4 +20,4 @@ def augment(
     factor = float(rng.uniform(max(0.0, 1 - brightness), 1 + brightness))
     image = ImageEnhance.Brightness(image).enhance(factor)
     angle = float(rng.uniform(-max_degrees, max_degrees))
-    return image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=(0, 0, 0))
+    return image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=0)  # black in every mode (RGB, L, RGBA)

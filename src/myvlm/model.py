@@ -90,8 +90,11 @@ class PersonalizedVLM:
             raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}{did_you_mean(name)}") from None
         backend = backend_for(config.model_type)
         with _quiet_loading(name in TOY_MODELS):
-            model = backend.model_class.from_pretrained(location, **plan.model_kwargs)
-            processor = backend.load_processor(location)
+            try:
+                model = backend.model_class.from_pretrained(location, **plan.model_kwargs)
+                processor = backend.load_processor(location)
+            except (OSError, ValueError) as error:  # a folder missing its weights, tokenizer or image processor
+                raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
         if plan.move_to is not None:
             model.to(plan.move_to)
         vlm = cls(model, processor, model_id)

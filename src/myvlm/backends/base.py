@@ -95,6 +95,8 @@ class Backend:
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        if self.tokenizer.pad_token is None:  # Llama/Mistral tokenizers ship without one; batches need it
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self._injection: Injection | None = None
         self._handles: list = []
         self._prompt_ids: dict[tuple[str, tuple[int, int]], list[int]] = {}

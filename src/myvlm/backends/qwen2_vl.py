@@ -26,6 +26,7 @@ from transformers import (
     Qwen2VLProcessor,
 )
 from transformers.utils import is_torchvision_available
+from transformers.vision_utils import get_vision_window_index
 
 from myvlm.backends.base import CAPTION, VQA, Batch, instruction
 from myvlm.backends.sequence import SequenceBackend
@@ -76,14 +77,22 @@ class Qwen2VLBackend(SequenceBackend):
 
     def tower_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """The tower's last-layer patch features (before merging) of every image seen at one fixed square size, so
-        every image gives the same number of patches."""
+        every image gives the same number of patches, row by row as heads' region boxes read them (the processor
+        flattens the patches one merge block after another)."""
         config = self.vision_tower.config
-        side = 8 * config.patch_size * config.spatial_merge_size
+        merge = config.spatial_merge_size
+        side = 8 * config.patch_size * merge
         inputs = self.pixel_inputs([image.convert("RGB").resize((side, side)) for image in images])
-        states = self.vision_tower(
-            inputs["pixel_values"].to(self.device, self.dtype), grid_thw=inputs["image_grid_thw"].to(self.device)
-        ).last_hidden_state
-        return states.view(len(images), -1, states.shape[-1])
+        grid = inputs["image_grid_thw"].to(self.device)
+        states = self.vision_tower(inputs["pixel_values"].to(self.device, self.dtype), grid_thw=grid).last_hidden_state
+        blocks = self.merge_block_order(states.view(-1, merge * merge, states.shape[-1]), grid)
+        _, rows, columns = grid[0].tolist()
+        blocks = blocks.view(len(images), rows // merge, columns // merge, merge, merge, -1)
+        return blocks.permute(0, 1, 3, 2, 4, 5).reshape(len(images), rows * columns, -1)
+
+    def merge_block_order(self, blocks: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """The tower's [merge blocks, merge², D] states in the processor's block order (Qwen2-VL keeps it)."""
+        return blocks
 
     @property
     def answer_end_id(self) -> int:
@@ -152,3 +161,9 @@ class Qwen2_5_VLBackend(Qwen2VLBackend):
     model_types = ("qwen2_5_vl",)
     model_class = Qwen2_5_VLForConditionalGeneration
     processor_class = Qwen2_5_VLProcessor
+
+    def merge_block_order(self, blocks: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Qwen2.5-VL's tower returns its states window by window (its window attention's order): undo that."""
+        tower = self.vision_tower
+        windows, _ = get_vision_window_index(grid, tower.spatial_merge_size, tower.window_size, tower.patch_size)
+        return blocks[torch.argsort(windows.to(blocks.device))]

@@ -232,6 +232,7 @@ class SequenceBackend(Backend):
                     inputs_embeds=embeds,
                     attention_mask=mask[rows],
                     position_ids=None if positions is None else positions[..., rows, :],
+                    cache=DynamicCache(),  # every key kept: a sliding-window layer's own cache drops old ones
                     use_cache=True,
                 ).cache
             for i, b in enumerate(rows):
