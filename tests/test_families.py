@@ -5,6 +5,7 @@ several concepts, mixed batches, cached training, storage, errors, the learning 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -45,6 +46,17 @@ def test_loads_through_the_public_api_with_its_family_backend(family):
     assert vlm.model.config.model_type == family[0]
     assert type(vlm.backend) is backend_for(family[0])
     assert vlm.concept_width == vlm.model.config.get_text_config().hidden_size
+
+
+def test_a_folder_without_its_tokenizer_files_is_one_clear_error(family, tmp_path):
+    """Some tokenizer classes load an empty vocabulary where the files are gone; the folder must not load silently."""
+    folder = shutil.copytree(family[1], tmp_path / "copy")
+    for path in folder.iterdir():
+        if path.name.startswith(("tokenizer", "vocab", "merges", "special_tokens")):
+            path.unlink()
+    with pytest.raises(MyVLMError, match="cannot load model") as error:
+        myvlm.load(str(folder))
+    assert "\n" not in str(error.value)
 
 
 def test_gating_is_bit_exact_when_no_concept_fires(family):

@@ -93,8 +93,10 @@ class PersonalizedVLM:
             try:
                 model = backend.model_class.from_pretrained(location, **plan.model_kwargs)
                 processor = backend.load_processor(location)
-            except (OSError, ValueError) as error:  # a folder missing its weights, tokenizer or image processor
+            except (OSError, ValueError, AttributeError) as error:  # a folder missing weights, tokenizer, processor
                 raise MyVLMError(f"cannot load model '{name}': {str(error).splitlines()[0]}") from None
+        if len(processor.tokenizer) < 2:  # transformers builds an empty one where a folder lost its tokenizer files
+            raise MyVLMError(f"cannot load model '{name}': its tokenizer is empty (are its tokenizer files missing?)")
         if plan.move_to is not None:
             model.to(plan.move_to)
         vlm = cls(model, processor, model_id)
