@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import myvlm
-from families import builders, pretrain_on_toyworld
+from families import builders, pretrain_on_toyworld, pretraining_names
 from myvlm import ConceptLibrary, MyVLMError
 from myvlm.backends import backend_for
 from myvlm.cli import main
@@ -207,7 +207,7 @@ def test_embedding_round_trip_and_width_mismatch(family, tmp_path):
 def test_learned_concept_is_named_exactly_when_switched_on(family):
     """After toy-world pretraining (the family's tiny model as the toy models are made) and 100 steps on 4 photos,
     the concept is named on its photos exactly when it is switched on. A toy number: plumbing, not real quality."""
-    vlm = pretrain_on_toyworld(load(family))
+    vlm = pretrain_on_toyworld(load(family), names=pretraining_names(family[0]))
     data = concept_data(n_concepts=1, seed=0)[0]
     identifier = data.concept.identifier
     images = [example.image for example in data.train]

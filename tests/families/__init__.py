@@ -68,14 +68,21 @@ def builders() -> dict[str, tuple[callable, bool]]:
     return found
 
 
-def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int = 8, names: int = 4):
+def pretraining_names(model_type: str) -> int:
+    """How many toy names the learning proof pretrains this family's fixture on (`PRETRAIN_NAMES` in its module)."""
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if model_type in module.BUILDERS:
+            return getattr(module, "PRETRAIN_NAMES", {}).get(model_type, 28)
+    raise KeyError(model_type)
+
+
+def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int = 8, names: int = 28):
     """Briefly pretrain a whole tiny VLM on toy-world captions, the way the toy models are: a scene is captioned
     ("a small red circle is on the left ."), and when a named object's vector sits in the concept slot (through the
     library's own injection) and its name is in the prompt, the caption names it ("Mia is a small red circle ...").
     A random LM ignores its inputs; this one reads its visual tokens and can say a name, so a learned concept vector
-    has a path to follow, as in a pretrained VLM. The first `names` toy names get a code each: 4 (the learning proof's
-    concept, Mia, is one) are learned by every family's fixture on every seed measured (benchmarks/learning_seeds.py);
-    with 28, some fixtures' 300 steps leave the codes too blurred for a new vector to find its name."""
+    has a path to follow, as in a pretrained VLM."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -85,7 +92,7 @@ def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int =
 
     backend, width = vlm.backend, vlm.concept_width
     generator = torch.Generator().manual_seed(seed)
-    known = NAMES[:names]
+    known = NAMES[:names]  # fewer names, each seen more often, where a family's fixture learns them slower
     codes = {name: F.normalize(torch.randn(width, generator=generator), dim=0) for name in known}
     rng = np.random.default_rng(seed)
     vlm.model.train()

@@ -21,6 +21,8 @@ from families import word_tokenizer
 from myvlm.backends.qwen2_vl import image_only
 
 DYNAMIC_RESOLUTION = True
+# The learning proof's pretraining: the tiny Qwen2-VL learns 4 toy names in 300 steps where 28 stay a blur.
+PRETRAIN_NAMES = {"qwen2_vl": 4}
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
 SPECIALS += ["<|video_pad|>"]
