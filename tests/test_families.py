@@ -206,7 +206,10 @@ def test_embedding_round_trip_and_width_mismatch(family, tmp_path):
 
 def test_learned_concept_is_named_exactly_when_switched_on(family):
     """After toy-world pretraining (the family's tiny model as the toy models are made) and 100 steps on 4 photos,
-    the concept is named on its photos exactly when it is switched on. A toy number: plumbing, not real quality."""
+    the concept is named on its photos exactly when it is switched on. A toy number: plumbing, not real quality. What
+    it shows is the injection path end to end (the concept reaches the model, which reads it, and nothing leaks when
+    it is off); it does not show that training moved the vector: benchmarks/learning_seeds.py finds the untrained
+    starting vector named on the same photos, and on other seeds some fixtures name nothing either way."""
     vlm = pretrain_on_toyworld(load(family), names=pretraining_names(family[0]))
     data = concept_data(n_concepts=1, seed=0)[0]
     identifier = data.concept.identifier
