@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import myvlm
-from families import builders, pretrain_on_toyworld, pretraining_names
+from families import builders, full_and_cached_steps, pretrain_on_toyworld, pretraining_names
 from myvlm import ConceptLibrary, MyVLMError
 from myvlm.backends import backend_for
 from myvlm.cli import main
@@ -166,19 +166,7 @@ def test_cached_training_step_equals_the_full_step(family, attention):
         backend.prompt("vqa", question="Where is Bobby ?"),
     ]
     batch = backend.encode(images, prompts, [1, 1, 1], ["Bobby is on the left .", "sitting", "on the right ."])
-
-    def loss_reg_grad(views=None):
-        v = torch.nn.Parameter(vector(vlm, 0))
-        vlm.add_concept("bobby", "Bobby", v.detach())
-        vlm.concepts.set("bobby", v)
-        with vlm.activate([["bobby"]] * 3, record_attention=True, batch=batch):
-            loss = backend.loss(batch) if views is None else backend.cached_loss(batch, views)
-            reg = backend.regularizer("vqa")
-        (loss + reg).backward()
-        return loss.detach(), reg.detach(), v.grad
-
-    reference = loss_reg_grad()
-    fast = loss_reg_grad(backend.cache_views(images))
+    reference, fast = full_and_cached_steps(vlm, images, batch, "vqa", vector(vlm, 0))
     assert reference[1] > 0 and reference[2].norm() > 0
     for ours, theirs in zip(fast, reference, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import myvlm
+from families import full_and_cached_steps
 from families.gemma import BUILDERS
 from myvlm.toyworld import render_scene, sample_scene
 
@@ -111,29 +112,8 @@ def test_paligemma2_regularizer_and_cached_step_follow_softcapped_sliding_attent
     prompts = [backend.prompt("caption", ["Bobby"]), backend.prompt("vqa", question="Where is Bobby ?")]
     batch = backend.encode(images, prompts, [1, 1], ["Bobby is on the left of a red circle .", "on the left"])
 
-    def step(views=None):
-        v = torch.nn.Parameter(torch.randn(vlm.concept_width, generator=torch.Generator().manual_seed(3)))
-        vlm.add_concept("bobby", "Bobby", v.detach())
-        vlm.concepts.set("bobby", v)
-        with vlm.activate([["bobby"]] * 2, record_attention=True, batch=batch):
-            if views is None:
-                out = vlm.model(**backend.model_inputs(batch), output_attentions=True)
-                loss, attentions = out.loss, out.attentions
-            else:
-                loss, attentions = backend.cached_loss(batch, views), None
-            reg = backend.regularizer("caption")
-        (loss + reg).backward()
-        return (loss.detach(), reg.detach(), v.grad), attentions
-
-    full, attentions = step()
-    lam = backend.reg_lambda["caption"]
-    hand = sum(
-        lam * (layer[b, :, rows[0], :] ** 2).mean()
-        for layer in attentions
-        for b, rows in enumerate(batch.concept_positions)
-    )
-    torch.testing.assert_close(full[1], hand.detach(), rtol=1e-5, atol=1e-9)
-    cached, _ = step(backend.cache_views(images))
+    start = torch.randn(vlm.concept_width, generator=torch.Generator().manual_seed(3))
+    full, cached = full_and_cached_steps(vlm, images, batch, "caption", start)
     for ours, theirs in zip(cached, full, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 

@@ -1,5 +1,6 @@
-"""Qwen2-VL / Qwen2.5-VL specifics: M-RoPE positions of the concept token in training, cached training and generation;
-image-only processors; images of different sizes in one batch; the vision tower for heads."""
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL specifics: M-RoPE positions of the concept token in training, cached training and
+generation; image-only processors; images of different sizes in one batch; the vision tower for heads; Qwen3-VL's zero
+deepstack row for the concept."""
 
 from __future__ import annotations
 
@@ -12,14 +13,22 @@ from PIL import Image
 
 import myvlm
 from families.qwen2_vl import BUILDERS
+from families.qwen3_vl import BUILDERS as QWEN3_BUILDERS
 from myvlm import MyVLMError
 from myvlm.backends.base import CAPTION
 
+QWEN_BUILDERS = {**BUILDERS, "qwen3_vl": QWEN3_BUILDERS["qwen3_vl"]}
 
-@pytest.fixture(scope="module", params=sorted(BUILDERS))
+
+@pytest.fixture(scope="module", params=sorted(QWEN_BUILDERS))
 def vlm(request, tmp_path_factory):
-    folder = BUILDERS[request.param](tmp_path_factory.mktemp(request.param), 0)
+    folder = QWEN_BUILDERS[request.param](tmp_path_factory.mktemp(request.param), 0)
     return myvlm.load(str(folder))
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    return myvlm.load(str(QWEN3_BUILDERS["qwen3_vl"](tmp_path_factory.mktemp("qwen3_vl"), 0)))
 
 
 def photo(width: int, height: int, seed: int) -> Image.Image:
@@ -143,3 +152,43 @@ def test_tower_patches_come_row_by_row_as_region_boxes_read_them(vlm, halves):
     white[side // 2 :, :] |= halves == "top-bottom"
     nearer_white = (grid - grid[white].mean(0)).norm(dim=-1) < (grid - grid[~white].mean(0)).norm(dim=-1)
     assert torch.equal(nearer_white, white)
+
+
+def language_model_inputs(vlm, batch, inserted) -> dict:
+    """The deepstack inputs the language model gets in one forward over `batch` with `inserted` concepts."""
+    seen = {}
+    handle = vlm.backend.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), vlm.backend.inject(inserted, batch=batch):
+            vlm.model(**vlm.backend.model_inputs(batch))
+    finally:
+        handle.remove()
+    return {"mask": seen["visual_pos_masks"], "deepstack": seen["deepstack_visual_embeds"]}
+
+
+def test_the_concept_slot_gets_a_zero_deepstack_row_and_the_image_keeps_its_own(qwen3):
+    vlm = qwen3
+    backend = vlm.backend
+    image, prompt = photo(64, 48, 1), backend.prompt(CAPTION, ["Bobby"])
+    plain = language_model_inputs(vlm, backend.encode([image], [prompt], [0]), vectors(vlm, [0]))
+    batch = backend.encode([image], [prompt], [1])
+    ours = language_model_inputs(vlm, batch, vectors(vlm, [1]))
+    slot = batch.concept_positions[0][0]
+    assert torch.equal(ours["mask"], batch.inputs["input_ids"] == backend.image_token_id) and ours["mask"][0, slot]
+    assert len(ours["deepstack"]) == len(vlm.model.config.vision_config.deepstack_visual_indexes) == 2
+    for with_concept, without in zip(ours["deepstack"], plain["deepstack"], strict=True):
+        assert torch.equal(with_concept[:-1], without) and without.abs().sum() > 0  # the image's rows, unchanged
+        assert not with_concept[-1].any()  # the concept's row (the image's last slot) is zero
+
+
+def test_image_only_processor_and_the_tower_for_heads(qwen3):
+    vlm = qwen3
+    from transformers.utils import is_torchvision_available
+
+    assert not is_torchvision_available()  # this machine: the image-only path is the one under test
+    assert type(vlm.processor).__name__ == "Qwen3VLProcessor"
+    assert getattr(vlm.processor, "video_processor", None) is None
+    patches = vlm.backend.tower_patches([photo(32, 32, 7), photo(64, 48, 8)])
+    assert patches.shape == (2, 64, vlm.backend.tower_width)  # 64x64 pixels in 8x8 patches, before merging

@@ -122,3 +122,21 @@ def pretrain_on_toyworld(vlm, steps: int = 300, seed: int = 0, batch_size: int =
     vlm.model.eval()
     vlm.model.requires_grad_(False)
     return vlm
+
+
+def full_and_cached_steps(vlm, images, batch, task: str, start) -> list[tuple]:
+    """(loss, regularizer, gradient) of one training step with concept "bobby" (vector `start`) in every sample,
+    first from the full forward, then from the cached one (`cache_views`)."""
+    import torch
+
+    results = []
+    for views in (None, vlm.backend.cache_views(images)):
+        vector = torch.nn.Parameter(start.clone())
+        vlm.add_concept("bobby", "Bobby", vector.detach())
+        vlm.concepts.set("bobby", vector)
+        with vlm.activate([["bobby"]] * len(images), record_attention=True, batch=batch):
+            loss = vlm.backend.loss(batch) if views is None else vlm.backend.cached_loss(batch, views)
+            regularizer = vlm.backend.regularizer(task)
+        (loss + regularizer).backward()
+        results.append((loss.detach(), regularizer.detach(), vector.grad))
+    return results

@@ -44,14 +44,15 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return word_tokenizer(SPECIALS, pad_token="<|endoftext|>", eos_token="<|im_end|>")
 
 
-def _save(model, tokens: PreTrainedTokenizerFast, processor_class, folder: Path) -> Path:
+def save(model, tokens: PreTrainedTokenizerFast, processor_class, folder: Path, chat_template=CHAT_TEMPLATE) -> Path:
+    """The model and its Qwen processor (image-only where torchvision is missing) with this chat template."""
     model.generation_config.eos_token_id = tokens.eos_token_id
     model.generation_config.pad_token_id = tokens.pad_token_id
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=32 * 32, max_pixels=64 * 64, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2
     )
     processor = image_only(processor_class)(image_processor=image_processor, tokenizer=tokens)
-    processor.chat_template = CHAT_TEMPLATE
+    processor.chat_template = chat_template
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -92,7 +93,7 @@ def build_qwen2_vl(folder: Path, seed: int) -> Path:
         text_config=_text(tokens),
         **_ids(tokens),
     )
-    return _save(Qwen2VLForConditionalGeneration(config), tokens, Qwen2VLProcessor, folder)
+    return save(Qwen2VLForConditionalGeneration(config), tokens, Qwen2VLProcessor, folder)
 
 
 def build_qwen2_5_vl(folder: Path, seed: int) -> Path:
@@ -106,7 +107,7 @@ def build_qwen2_5_vl(folder: Path, seed: int) -> Path:
         text_config=_text(tokens),
         **_ids(tokens),
     )
-    return _save(Qwen2_5_VLForConditionalGeneration(config), tokens, Qwen2_5_VLProcessor, folder)
+    return save(Qwen2_5_VLForConditionalGeneration(config), tokens, Qwen2_5_VLProcessor, folder)
 
 
 BUILDERS = {"qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl}

@@ -14,11 +14,9 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
     Qwen3VLProcessor,
 )
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from families import tiny_text, word_tokenizer
-from families.qwen2_vl import MERGE, PATCH, SPECIALS
-from myvlm.backends.qwen2_vl import image_only
+from families.qwen2_vl import MERGE, PATCH, SPECIALS, save
 
 DYNAMIC_RESOLUTION = True
 # The learning proof's pretraining on 8 toy names: with 28, whether the tiny model learns to say the prompt's name for a
@@ -66,17 +64,7 @@ def _build(folder: Path, seed: int, config_class, model_class, **text_fields) ->
         vision_end_token_id=ids("<|vision_end|>"),
         tie_word_embeddings=False,
     )
-    model = model_class(config)
-    model.generation_config.eos_token_id = tokens.eos_token_id
-    model.generation_config.pad_token_id = tokens.pad_token_id
-    image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=32 * 32, max_pixels=64 * 64, patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2
-    )
-    processor = image_only(Qwen3VLProcessor)(image_processor=image_processor, tokenizer=tokens)
-    processor.chat_template = CHAT_TEMPLATE
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save(model_class(config), tokens, Qwen3VLProcessor, folder, CHAT_TEMPLATE)
 
 
 def build_qwen3_vl(folder: Path, seed: int) -> Path:
