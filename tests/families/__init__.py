@@ -58,6 +58,11 @@ def tiny_text(tokenizer, **fields) -> dict:
     }
 
 
+def tiny_vision(**fields) -> dict:
+    """The vision tower the CLIP/SigLIP-style fixtures use (2 layers of width 32); `fields` add image and patch size."""
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, **fields}
+
+
 def builders() -> dict[str, tuple[callable, bool]]:
     """model_type -> (build, dynamic resolution), from every module of this package."""
     found = {}

@@ -22,7 +22,7 @@ from transformers import (
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from families import tiny_text, word_tokenizer
+from families import tiny_text, tiny_vision, word_tokenizer
 
 DYNAMIC_RESOLUTION = False
 IMAGE_SIZE, PATCH = 32, 8
@@ -73,15 +73,7 @@ GEMMA3_CHAT_TEMPLATE = (
 
 
 def _vision() -> SiglipVisionConfig:
-    return SiglipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        vision_use_head=False,
-    )
+    return SiglipVisionConfig(**tiny_vision(image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False))
 
 
 def build_paligemma(folder: Path, seed: int, text_model: str = "gemma") -> Path:

@@ -23,7 +23,7 @@ from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3I
 from transformers.models.smolvlm.configuration_smolvlm import SmolVLMVisionConfig
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from families import word_tokenizer
+from families import tiny_vision, word_tokenizer
 from myvlm.backends.idefics3 import ImageOnlySmolVLMProcessor
 
 DYNAMIC_RESOLUTION = True  # image splitting: the crop grid, so the token count, follows the image's shape
@@ -42,14 +42,7 @@ SMOLVLM_TEMPLATE = IDEFICS3_TEMPLATE.replace("<|begin_of_text|>", "<|im_start|>"
 
 
 def _configs(bos: int, eos: int, pad: int, image: int, vocab: int, vision_config_class):
-    vision = vision_config_class(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=CROP,
-        patch_size=PATCH,
-    )
+    vision = vision_config_class(**tiny_vision(image_size=CROP, patch_size=PATCH))
     text = LlamaConfig(
         vocab_size=vocab,
         hidden_size=64,

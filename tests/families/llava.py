@@ -8,7 +8,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from families import tiny_text, word_tokenizer
+from families import tiny_text, tiny_vision, word_tokenizer
 
 DYNAMIC_RESOLUTION = False
 SIZE, PATCH = 32, 8
@@ -23,14 +23,7 @@ def build(folder: Path, seed: int = 0) -> Path:
         eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        image_size=SIZE,
-        patch_size=PATCH,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    vision = CLIPVisionConfig(**tiny_vision(image_size=SIZE, patch_size=PATCH))
     text = LlamaConfig(**tiny_text(tokenizer))
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids("<image>")

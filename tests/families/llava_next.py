@@ -23,7 +23,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
-from families import tiny_text, word_tokenizer
+from families import tiny_text, tiny_vision, word_tokenizer
 from myvlm.backends.llava_next import ImageOnlyOnevisionProcessor
 
 DYNAMIC_RESOLUTION = True  # anyres: the tile grid, so the token count, follows the image's aspect ratio
@@ -61,14 +61,7 @@ def build_llava_next(folder: Path, seed: int) -> Path:
         eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"},
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        image_size=TILE,
-        patch_size=PATCH,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    vision = CLIPVisionConfig(**tiny_vision(image_size=TILE, patch_size=PATCH))
     text = LlamaConfig(**tiny_text(tokenizer))
     config = LlavaNextConfig(
         vision_config=vision,
@@ -104,14 +97,7 @@ def build_llava_onevision(folder: Path, seed: int) -> Path:
         eos_token="<|im_end|>",
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32,
-        image_size=TILE,
-        patch_size=PATCH,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-    )
+    vision = SiglipVisionConfig(**tiny_vision(image_size=TILE, patch_size=PATCH))
     text = Qwen2Config(**tiny_text(tokenizer, bos_token_id=None))
     config = LlavaOnevisionConfig(
         vision_config=vision,
