@@ -78,6 +78,33 @@ def test_gating_is_bit_exact_when_no_concept_fires(family):
     assert texts == [t.strip() for t in expected]
 
 
+def test_generation_stops_at_the_answer_end_even_where_the_generation_config_does_not(family):
+    """Training ends every answer with `answer_end_id` (a chat family's end of turn); a model folder whose generation
+    config stops only at EOS must still stop there rather than run on into a made-up next turn."""
+    vlm = load(family)
+    end = vlm.backend.answer_end_id
+    stops = vlm.model.generation_config.eos_token_id
+    stops = [stops] if isinstance(stops, int) else list(stops)
+    vlm.model.generation_config.eos_token_id = [i for i in stops if i != end] or [vlm.backend.tokenizer.pad_token_id]
+    head = vlm.model.get_output_embeddings()
+    says_end = torch.nn.Linear(head.in_features, head.out_features, bias=True)  # every step's argmax is the end
+    torch.nn.init.zeros_(says_end.weight)
+    with torch.no_grad():
+        says_end.bias.copy_(torch.nn.functional.one_hot(torch.tensor(end), head.out_features).float())
+    vlm.model.set_output_embeddings(says_end)
+    generated = []
+    generate = vlm.model.generate
+    vlm.model.generate = lambda **kwargs: generated.append(generate(**kwargs)) or generated[-1]
+    batch = vlm.backend.encode(scenes(1), [vlm.backend.prompt("caption")], [0])
+    assert vlm.backend.generate(batch, max_new_tokens=5) == [""]
+    new_tokens = (
+        generated[0][0, batch.inputs["input_ids"].shape[1] :]
+        if vlm.backend.generation_includes_prompt
+        else generated[0][0]
+    )
+    assert new_tokens.tolist()[-1] == end and len(new_tokens) <= 2  # (a decoder start token may lead)
+
+
 def test_regularizer_equals_hand_computation_from_eager_attention(family):
     vlm = load(family)
     vlm.model.set_attn_implementation("eager")

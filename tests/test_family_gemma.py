@@ -79,7 +79,7 @@ def test_the_concept_changes_its_image_tokens_but_not_the_text_before_them(vlm):
     torch.testing.assert_close(states[0][:first_image], states[1][:first_image], rtol=0, atol=0)
 
 
-def test_answers_are_causal_and_generation_stops_at_the_answer_end(vlm):
+def test_answers_are_causal(vlm):
     """Changing an answer's last word leaves the earlier positions alone (answers are not in the block)."""
     backend = vlm.backend
     prompt = backend.prompt("vqa", question="What is Bobby doing ?")
@@ -89,8 +89,6 @@ def test_answers_are_causal_and_generation_stops_at_the_answer_end(vlm):
         with torch.no_grad():
             logits.append(vlm.model(**backend.model_inputs(batch)).logits[0])
     torch.testing.assert_close(logits[0][:-2], logits[1][:-2], rtol=0, atol=0)
-    stops = vlm.model.generation_config.eos_token_id
-    assert backend.answer_end_id in ([stops] if isinstance(stops, int) else stops)
 
 
 def test_vision_tower_patches_have_no_cls_token(vlm):

@@ -217,7 +217,8 @@ class Backend:
     def generate(
         self, batch: Batch, max_new_tokens: int = 40, unspoken: Sequence[Sequence[str]] | None = None
     ) -> list[str]:
-        """Greedy decoding; `unspoken[i]` are words sample i may not say (names of concepts not in its image)."""
+        """Greedy decoding, stopping at the model's EOS or the answer end; `unspoken[i]` are words sample i may not
+        say (names of concepts not in its image)."""
         self._running(batch)
         inputs = self.model_inputs(batch)
         extra = {}
@@ -225,6 +226,10 @@ class Backend:
             from transformers import LogitsProcessorList
 
             extra["logits_processor"] = LogitsProcessorList([UnspokenWords(self.tokenizer, unspoken)])
+        stops = self.model.generation_config.eos_token_id
+        stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+        if self.answer_end_id not in stops:  # stop where training taught answers to end, whatever the config says
+            extra["eos_token_id"] = [*stops, self.answer_end_id]
         output = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, **extra)
         if self.generation_includes_prompt:
             output = output[:, inputs["input_ids"].shape[1] :]

@@ -45,13 +45,6 @@ class PrefixBlockBackend(SequenceBackend):
     # Image processor options that keep one image one block of tokens (no extra crops).
     image_options: ClassVar[dict] = {}
 
-    def __init__(self, model: torch.nn.Module, processor) -> None:
-        super().__init__(model, processor)
-        stops = model.generation_config.eos_token_id
-        stops = [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
-        if self.answer_end_id not in stops:  # generation must stop where training taught answers to end
-            model.generation_config.eos_token_id = [*stops, self.answer_end_id]
-
     @property
     def vision_tower(self) -> torch.nn.Module:
         return self.model.model.vision_tower
