@@ -6,6 +6,12 @@ on, and while an injection records attention it recomputes, for the concept toke
 query and key states the layer hands its kernel. Those states already carry the family's own projections, norms and
 rotary variant (1-D RoPE, M-RoPE, ...), the cached prefix's keys, and the layer's mask (causal, padding, sliding
 window, bidirectional image blocks), so no family needs its own copy of that arithmetic.
+
+One call takes a shorter road: a masked multi-token SDPA call of a grouped-query layer (fewer key/value heads than
+query heads: Qwen, Llama 3, Mistral) on the CPU. HF copies each key/value head once per query head of its group there
+(`repeat_kv`) and the backward pass sums the copies' gradients back; SDPA's own grouping (`enable_gqa`) runs the same
+CPU kernel on the uncopied heads, with the same outputs and gradients, and ~10 % less time per cached training step
+(a short suffix against a long cached prefix, where the copies and their gradients are most of the attention's work).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import contextvars
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -29,7 +36,10 @@ def probing_name(original: str) -> str:
         wrapped = ALL_ATTENTION_FUNCTIONS[original] if original != "eager" else None
 
         def attention(module, query, key, value, attention_mask, **kwargs):
-            function = wrapped or _eager(module)
+            if wrapped is sdpa_attention_forward and _groups_on_cpu(module, query, attention_mask, kwargs):
+                function = grouped_sdpa
+            else:
+                function = wrapped or _eager(module)
             output = function(module, query, key, value, attention_mask, **kwargs)
             backend = RUNNING.get()
             injection = backend.injection if backend is not None else None
@@ -45,6 +55,28 @@ def probing_name(original: str) -> str:
         AttentionInterface.register(name, attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name
+
+
+def _groups_on_cpu(module, query, attention_mask, kwargs) -> bool:
+    """Whether HF's SDPA call would copy key/value heads (`repeat_kv`) on the CPU with nothing `grouped_sdpa` leaves
+    out (a position bias or a soft cap)."""
+    return (
+        query.device.type == "cpu"
+        and getattr(module, "num_key_value_groups", 1) > 1
+        and attention_mask is not None
+        and query.shape[2] > 1
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+    )
+
+
+def grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """HF's SDPA attention for the calls `_groups_on_cpu` picks (with a mask HF's call is not causal either), with
+    SDPA's own head grouping instead of copied key/value heads."""
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )
+    return output.transpose(1, 2).contiguous(), None
 
 
 def _eager(module):
