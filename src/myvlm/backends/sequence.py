@@ -37,11 +37,16 @@ from myvlm.backends.base import Backend, Batch, normalized
 
 @dataclass
 class SequenceView:
-    """One image's frozen work: its image tokens, and the language model's keys/values of each prefix it was seen
-    with (keyed by prefix token ids and mask; training batches use one prefix per view)."""
+    """One image's frozen work: its image tokens, their mean norm (the concepts' scale), and the language model's
+    keys/values of each prefix it was seen with (keyed by prefix token ids and mask; training batches use one prefix
+    per view)."""
 
     image_tokens: torch.Tensor  # [N, D]
     prefixes: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    scale: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scale = mean_norm(self.image_tokens)
 
 
 class SequenceBackend(Backend):
@@ -157,11 +162,12 @@ class SequenceBackend(Backend):
         return args, kwargs
 
     @staticmethod
-    def with_concepts(image_tokens: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """[N, D] image tokens -> [N+k, D]: the concept vectors, scaled to the mean norm of the image's tokens."""
+    def with_concepts(image_tokens: torch.Tensor, vectors: torch.Tensor, scale: torch.Tensor | None = None):
+        """[N, D] image tokens -> [N+k, D]: the concept vectors, scaled to the mean norm of the image's tokens
+        (`scale` where known already: `image_tokens` may then be a tail of them)."""
         if not len(vectors):
             return image_tokens
-        scale = image_tokens.float().norm(dim=-1).mean()
+        scale = mean_norm(image_tokens) if scale is None else scale
         return torch.cat([image_tokens, (normalized(vectors) * scale).to(image_tokens.dtype)])
 
     # --- cached training -------------------------------------------------------------------------------------------
@@ -190,7 +196,7 @@ class SequenceBackend(Backend):
         starts = image[:, :split].sum(dim=1).tolist()
         rests = []
         for view, vectors, start in zip(views, self.injection.vectors, starts, strict=True):
-            rests.append(self.with_concepts(view.image_tokens, vectors)[start:])
+            rests.append(self.with_concepts(view.image_tokens[start:], vectors, view.scale))
         suffix = ids[:, split:]
         embeds = self.model.get_input_embeddings()(suffix)
         slots = (suffix == self.image_token_id).unsqueeze(-1)
@@ -200,7 +206,9 @@ class SequenceBackend(Backend):
         labels = inputs["labels"][:, split:]
         targets = (labels != -100).any(dim=0).nonzero()
         keep = labels.shape[1] - max(int(targets[0]) - 1, 0) if len(targets) else 1
-        with self.image_pass(suffix, views, starts):
+        concepts = [[row - split for row in rows] for rows in batch.concept_positions]
+        read = _read_rows(labels, concepts, len(self.feed_forward_blocks))
+        with self.image_pass(suffix, views, starts), self._feed_forward_rows(read):
             output = self.model(
                 inputs_embeds=embeds,
                 attention_mask=mask,
@@ -212,6 +220,36 @@ class SequenceBackend(Backend):
                 **{k: v for k, v in extra.items() if v.dim() == 2 and v.shape[1] == suffix.shape[1]},
             )
         return output.loss
+
+    @property
+    def feed_forward_blocks(self) -> list[torch.nn.Module]:
+        """Each decoder layer's feed-forward block (`mlp`: position-wise, dense or mixture-of-experts), in order; none
+        where a layer has no such block."""
+        blocks = [getattr(layer, "mlp", None) for layer in getattr(self.language_model, "layers", ())]
+        return blocks if all(isinstance(block, torch.nn.Module) for block in blocks) else []
+
+    @contextlib.contextmanager
+    def _feed_forward_rows(self, kept: Sequence[torch.Tensor | None]):
+        """Each decoder layer's feed-forward block computes only its `kept` positions ([B, L] bool; None: all) and
+        gives the others zeros. The block is position-wise, so the kept positions' outputs are what they would be;
+        for cached training, whose short passes spend most of their time there, on rows no later step reads."""
+        handles = []
+        for block, rows in zip(self.feed_forward_blocks, kept, strict=True):
+            if rows is None:
+                continue
+
+            def gather(module, args, rows=rows):
+                return (args[0][rows][None],)
+
+            def scatter(module, args, output, rows=rows):
+                return output.new_zeros(*rows.shape, output.shape[-1]).masked_scatter(rows[..., None], output)
+
+            handles += [block.register_forward_pre_hook(gather), block.register_forward_hook(scatter)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def _prefixes(self, ids, mask, views: Sequence[SequenceView], positions) -> list[list]:
@@ -227,7 +265,14 @@ class SequenceBackend(Backend):
             slots = (ids[rows] == self.image_token_id).unsqueeze(-1)
             image_rows = [views[b].image_tokens[: int(slots[i].sum())] for i, b in enumerate(rows)]
             embeds = embeds.masked_scatter(slots, torch.cat(image_rows).to(embeds.dtype))
-            with self.hooks_off(), self.image_pass(ids[rows], [views[b] for b in rows], [0] * len(rows)):
+            # Only keys and values are kept: the last layer's feed-forward block runs on no position.
+            depth = len(self.feed_forward_blocks)
+            unread = [None] * (depth - 1) + [torch.zeros_like(ids[rows], dtype=torch.bool)] if depth else []
+            with (
+                self.hooks_off(),
+                self.image_pass(ids[rows], [views[b] for b in rows], [0] * len(rows)),
+                self._feed_forward_rows(unread),
+            ):
                 cache = self.language_model(
                     inputs_embeds=embeds,
                     attention_mask=mask[rows],
@@ -238,6 +283,27 @@ class SequenceBackend(Backend):
             for i, b in enumerate(rows):
                 views[b].prefixes[keys[b]] = [(lay.keys[i : i + 1], lay.values[i : i + 1]) for lay in cache.layers]
         return [view.prefixes[key] for view, key in zip(views, keys, strict=True)]
+
+
+def mean_norm(tokens: torch.Tensor) -> torch.Tensor:
+    """The mean L2 norm of [N, D] tokens (in float32): the scale the concept vectors of their image take."""
+    return tokens.float().norm(dim=-1).mean()
+
+
+def _read_rows(labels: torch.Tensor, concepts: list[list[int]], depth: int) -> list[torch.Tensor]:
+    """Per layer of a cached step's suffix pass ([B, L] labels, each row's concept positions), the positions whose
+    feed-forward output is read: in the last layer those whose logits meet a label; in earlier ones every position
+    up to a row's last such position or concept token (the regularizer reads the concept rows' queries in every
+    layer), since later positions (padding, a row's final token) feed only later ones."""
+    if not depth:
+        return []
+    predicting = torch.zeros_like(labels, dtype=torch.bool)
+    predicting[:, :-1] = labels[:, 1:] != -100
+    read = predicting.clone()
+    for row, positions in enumerate(concepts):
+        read[row, positions] = True
+    reach = read.flip(-1).cummax(dim=-1).values.flip(-1)  # at or before the row's last read position
+    return [reach] * (depth - 1) + [predicting]
 
 
 def _cut(positions: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:
