@@ -202,24 +202,25 @@ class SequenceBackend(Backend):
         slots = (suffix == self.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, torch.cat(rests).to(embeds.dtype))
         extra = {k: v[:, split:] for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
-        # Logits only from the position before the earliest target on: the ones before predict no label.
+        # Logits only at the positions whose next token is a target, in one [n, vocabulary] block.
         labels = inputs["labels"][:, split:]
-        targets = (labels != -100).any(dim=0).nonzero()
-        keep = labels.shape[1] - max(int(targets[0]) - 1, 0) if len(targets) else 1
+        predicting = torch.zeros_like(labels, dtype=torch.bool)
+        predicting[:, :-1] = labels[:, 1:] != -100
         concepts = [[row - split for row in rows] for rows in batch.concept_positions]
-        read = _read_rows(labels, concepts, len(self.feed_forward_blocks))
+        read = _read_rows(predicting, concepts, len(self.feed_forward_blocks))
         with self.image_pass(suffix, views, starts), self._feed_forward_rows(read):
             output = self.model(
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 cache=cache,
                 position_ids=_cut(positions, split, None),
-                labels=labels[:, -keep:],
-                logits_to_keep=keep,
+                logits_to_keep=predicting,
                 use_cache=cache is not None,
                 **{k: v for k, v in extra.items() if v.dim() == 2 and v.shape[1] == suffix.shape[1]},
             )
-        return output.loss
+        vocabulary = self.model.config.get_text_config().vocab_size
+        targets = labels[:, 1:][predicting[:, :-1]]
+        return self.model.loss_function(logits=output.logits, labels=None, vocab_size=vocabulary, shift_labels=targets)
 
     @property
     def feed_forward_blocks(self) -> list[torch.nn.Module]:
@@ -233,16 +234,23 @@ class SequenceBackend(Backend):
         """Each decoder layer's feed-forward block computes only its `kept` positions ([B, L] bool; None: all) and
         gives the others zeros. The block is position-wise, so the kept positions' outputs are what they would be;
         for cached training, whose short passes spend most of their time there, on rows no later step reads."""
-        handles = []
+        handles, indices = [], {}
         for block, rows in zip(self.feed_forward_blocks, kept, strict=True):
             if rows is None:
                 continue
+            if id(rows) not in indices:  # layers sharing their positions share the index
+                indices[id(rows)] = rows.flatten().nonzero().squeeze(1)  # rows of the flattened [B * L, D] states
+            index = indices[id(rows)]
 
-            def gather(module, args, rows=rows):
-                return (args[0][rows][None],)
+            def gather(module, args, index=index):
+                return (args[0].flatten(0, 1).index_select(0, index)[None],)
 
-            def scatter(module, args, output, rows=rows):
-                return output.new_zeros(*rows.shape, output.shape[-1]).masked_scatter(rows[..., None], output)
+            def scatter(module, args, output, rows=rows, index=index):
+                return (
+                    output.new_zeros(rows.numel(), output.shape[-1])
+                    .index_copy(0, index, output[0])
+                    .view(*rows.shape, -1)
+                )
 
             handles += [block.register_forward_pre_hook(gather), block.register_forward_hook(scatter)]
         try:
@@ -290,15 +298,13 @@ def mean_norm(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.float().norm(dim=-1).mean()
 
 
-def _read_rows(labels: torch.Tensor, concepts: list[list[int]], depth: int) -> list[torch.Tensor]:
-    """Per layer of a cached step's suffix pass ([B, L] labels, each row's concept positions), the positions whose
-    feed-forward output is read: in the last layer those whose logits meet a label; in earlier ones every position
-    up to a row's last such position or concept token (the regularizer reads the concept rows' queries in every
-    layer), since later positions (padding, a row's final token) feed only later ones."""
+def _read_rows(predicting: torch.Tensor, concepts: list[list[int]], depth: int) -> list[torch.Tensor]:
+    """Per layer of a cached step's suffix pass ([B, L] positions whose logits meet a label, each row's concept
+    positions), the positions whose feed-forward output is read: in the last layer the predicting ones; in earlier
+    ones every position up to a row's last predicting position or concept token (the regularizer reads the concept
+    rows' queries in every layer), since later positions (padding, a row's final token) feed only later ones."""
     if not depth:
         return []
-    predicting = torch.zeros_like(labels, dtype=torch.bool)
-    predicting[:, :-1] = labels[:, 1:] != -100
     read = predicting.clone()
     for row, positions in enumerate(concepts):
         read[row, positions] = True
