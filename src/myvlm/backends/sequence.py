@@ -16,7 +16,10 @@ training), its prompts, and its vision tower.
 
 Cached training: every token before the earliest concept token is causally independent of the concept vector, so its
 keys and values are computed once per image view without gradients and each step runs only the suffix. Families whose
-image block attends bidirectionally (`bidirectional_image = True`) split before the image block instead.
+image block attends bidirectionally (`bidirectional_image = True`) split before the image block instead. Within a
+pass, only what is read is computed where that is cheap to know: the logits of the positions whose next token is a
+target, and each decoder layer's feed-forward block (`feed_forward_blocks`) on the positions a later layer, the
+logits or the regularizer read (the prefix pass keeps keys and values only, so its last block reads none).
 """
 
 from __future__ import annotations
