@@ -17,6 +17,7 @@ CPU kernel on the uncopied heads, with the same outputs and gradients, and ~10 %
 from __future__ import annotations
 
 import contextvars
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -109,38 +110,68 @@ def concept_attention_term(injection, query, key, attention_mask, kwargs) -> tor
     query [B, H, S, d] (this pass's rows), key [B, KV, T, d] (with any cached prefix); the concept rows are
     full-sequence positions, so row r of the sequence is query row r - (T - S). All concept rows of the batch are
     scored at once (one small product per layer, not one per row: the step is short and per-op overhead counts)."""
-    batch = injection.batch
-    if batch is None:
+    if injection.batch is None:
         raise RuntimeError("recording attention needs the batch: pass it to inject()/activate(), or use loss()")
-    pairs = [(b, row) for b, rows in enumerate(batch.concept_positions) for row in rows]
-    if not pairs:
+    rows = concept_rows(injection, query.device)
+    if rows is None:
         return query.new_zeros((), dtype=torch.float32)
     heads, kv_heads = query.shape[1], key.shape[1]
     keys_total, offset = key.shape[2], key.shape[2] - query.shape[2]
-    samples = torch.tensor([b for b, _ in pairs], device=query.device)
-    rows = torch.tensor([row for _, row in pairs], device=query.device)
-    queries = query[samples, :, rows - offset]  # [N, H, d]
-    grouped = queries.view(len(pairs), kv_heads, heads // kv_heads, -1)  # head h reads key head h // (H / KV)
+    queries = query[rows.samples, :, rows.positions - offset]  # [N, H, d]
+    grouped = queries.view(len(rows.samples), kv_heads, heads // kv_heads, -1)  # head h reads key head h // (H / KV)
     scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
     # One concept row per sample, in order (the usual training batch): the keys as they are, no gather to undo.
-    keys = key if [b for b, _ in pairs] == list(range(len(key))) else key[samples]
-    scores = (grouped @ keys.transpose(-1, -2)).float().view(len(pairs), heads, keys_total) * scaling
+    keys = key if rows.one_per_sample and len(rows.samples) == len(key) else key[rows.samples]
+    scores = (grouped @ keys.transpose(-1, -2)).float().view(len(rows.samples), heads, keys_total) * scaling
     softcap = kwargs.get("softcap")
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
-    padding = batch.inputs["attention_mask"].to(query.device)[samples, :keys_total]
-    probs = _masked(scores, attention_mask, samples, rows - offset, rows, padding).softmax(dim=-1)
+    probs = _masked(scores, attention_mask, rows, offset).softmax(dim=-1)
     return (probs**2).sum() / (heads * keys_total)
 
 
-def _masked(scores, attention_mask, samples, query_rows, rows, padding) -> torch.Tensor:
+@dataclass(frozen=True)
+class ConceptRows:
+    """The batch's concept rows as index tensors: sample, sequence position, and whether they are one per sample in
+    sample order; the batch's padding mask."""
+
+    batch: object
+    samples: torch.Tensor
+    positions: torch.Tensor
+    one_per_sample: bool
+    padding: torch.Tensor
+
+
+def concept_rows(injection, device) -> ConceptRows | None:
+    """The injection's batch's concept rows on `device` (None: it has none), made once per batch: every attention
+    layer of a pass asks for them."""
+    made = injection.probe_rows
+    if made is None or made.batch is not injection.batch or made.samples.device != torch.device(device):
+        batch = injection.batch
+        pairs = [(b, row) for b, rows in enumerate(batch.concept_positions) for row in rows]
+        if not pairs:
+            return None
+        samples = [b for b, _ in pairs]
+        made = injection.probe_rows = ConceptRows(
+            batch,
+            torch.tensor(samples, device=device),
+            torch.tensor([row for _, row in pairs], device=device),
+            samples == list(range(len(samples))),
+            batch.inputs["attention_mask"].to(device),
+        )
+    return made
+
+
+def _masked(scores, attention_mask, rows: ConceptRows, offset: int) -> torch.Tensor:
     """[N, H, T] scores under the layer's own mask rows where it has one (bool: keep, float: additive), else causal
     plus padding."""
     if attention_mask is not None and attention_mask.dim() == 4:
-        chosen = samples if attention_mask.shape[0] > 1 else torch.zeros_like(samples)
-        mask = attention_mask[chosen, :, query_rows]  # [N, 1 or H, T]
+        chosen = rows.samples if attention_mask.shape[0] > 1 else torch.zeros_like(rows.samples)
+        mask = attention_mask[chosen, :, rows.positions - offset]  # [N, 1 or H, T]
         if mask.dtype == torch.bool:
             return scores.masked_fill(~mask, float("-inf"))
         return scores + mask.float()
-    keep = torch.arange(scores.shape[-1], device=scores.device) <= rows[:, None]
+    keys_total = scores.shape[-1]
+    keep = torch.arange(keys_total, device=scores.device) <= rows.positions[:, None]
+    padding = rows.padding[rows.samples, :keys_total]
     return scores.masked_fill(~(keep & (padding != 0))[:, None], float("-inf"))
