@@ -175,3 +175,31 @@ def test_probing_starts_keeps_one_trajectory_of_the_requested_length():
 def test_starts_must_be_positive():
     with pytest.raises(MyVLMError, match="starts"):
         TrainingConfig(starts=0)
+
+
+def test_probed_sdpa_of_a_grouped_query_layer_is_hfs_own():
+    """The probe takes SDPA's own head grouping for a masked grouped-query call on the CPU: the output and the
+    gradients of query, keys and values are those of HF's SDPA call, which copies each key/value head."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from myvlm.backends.attention import probing_name
+
+    layer = tiny_llava().backend.language_model.layers[0].self_attn
+    assert layer.num_key_value_groups > 1
+    heads, kv_heads, dim = layer.config.num_attention_heads, layer.config.num_key_value_heads, layer.head_dim
+    generator = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(2, count, length, dim, generator=generator)
+        for count, length in ((heads, 5), (kv_heads, 12), (kv_heads, 12))
+    ]
+    mask = torch.ones(2, 1, 5, 12, dtype=torch.bool).tril(diagonal=7)
+    mask[1, ..., :3] = False  # the second row's first three keys are padding
+    results = []
+    for function in (ALL_ATTENTION_FUNCTIONS[probing_name("sdpa")], sdpa_attention_forward):
+        leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+        output, _ = function(layer, *leaves, mask, dropout=0.0, scaling=dim**-0.5)
+        output.pow(2).sum().backward()
+        results.append([output.detach()] + [leaf.grad for leaf in leaves])
+    for ours, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)

@@ -50,14 +50,16 @@ class Injection:
 
     Set by the caller: the concept vectors to insert, one [k_i, width] tensor per sample (k_i may be 0), whether to
     record the regularizer's attention terms, and the batch (token positions, padding mask; `loss` fills it in).
-    Written by the hooks during the pass: the attention terms (one per attention layer). A family whose hooks pass
-    more values on declares them in a subclass (`Backend.injection_class`), so none of it lives on the backend.
+    Written by the hooks during the pass: the attention terms (one per attention layer) and the probe's index of the
+    batch's concept rows. A family whose hooks pass more values on declares them in a subclass
+    (`Backend.injection_class`), so none of it lives on the backend.
     """
 
     vectors: list[torch.Tensor]
     record_attention: bool = False
     batch: Batch | None = None
     attention_terms: list[torch.Tensor] = field(default_factory=list)
+    probe_rows: object | None = None  # attention.ConceptRows of `batch`
 
     @property
     def any(self) -> bool:

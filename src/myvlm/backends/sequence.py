@@ -16,7 +16,10 @@ training), its prompts, and its vision tower.
 
 Cached training: every token before the earliest concept token is causally independent of the concept vector, so its
 keys and values are computed once per image view without gradients and each step runs only the suffix. Families whose
-image block attends bidirectionally (`bidirectional_image = True`) split before the image block instead.
+image block attends bidirectionally (`bidirectional_image = True`) split before the image block instead. Within a
+pass, only what is read is computed where that is cheap to know: the logits of the positions whose next token is a
+target, and each decoder layer's feed-forward block (`feed_forward_blocks`) on the positions a later layer, the
+logits or the regularizer read (the prefix pass keeps keys and values only, so its last block reads none).
 """
 
 from __future__ import annotations
@@ -37,11 +40,16 @@ from myvlm.backends.base import Backend, Batch, normalized
 
 @dataclass
 class SequenceView:
-    """One image's frozen work: its image tokens, and the language model's keys/values of each prefix it was seen
-    with (keyed by prefix token ids and mask; training batches use one prefix per view)."""
+    """One image's frozen work: its image tokens, their mean norm (the concepts' scale), and the language model's
+    keys/values of each prefix it was seen with (keyed by prefix token ids and mask; training batches use one prefix
+    per view)."""
 
     image_tokens: torch.Tensor  # [N, D]
     prefixes: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    scale: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scale = mean_norm(self.image_tokens)
 
 
 class SequenceBackend(Backend):
@@ -157,11 +165,12 @@ class SequenceBackend(Backend):
         return args, kwargs
 
     @staticmethod
-    def with_concepts(image_tokens: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """[N, D] image tokens -> [N+k, D]: the concept vectors, scaled to the mean norm of the image's tokens."""
+    def with_concepts(image_tokens: torch.Tensor, vectors: torch.Tensor, scale: torch.Tensor | None = None):
+        """[N, D] image tokens -> [N+k, D]: the concept vectors, scaled to the mean norm of the image's tokens
+        (`scale` where known already: `image_tokens` may then be a tail of them)."""
         if not len(vectors):
             return image_tokens
-        scale = image_tokens.float().norm(dim=-1).mean()
+        scale = mean_norm(image_tokens) if scale is None else scale
         return torch.cat([image_tokens, (normalized(vectors) * scale).to(image_tokens.dtype)])
 
     # --- cached training -------------------------------------------------------------------------------------------
@@ -190,28 +199,68 @@ class SequenceBackend(Backend):
         starts = image[:, :split].sum(dim=1).tolist()
         rests = []
         for view, vectors, start in zip(views, self.injection.vectors, starts, strict=True):
-            rests.append(self.with_concepts(view.image_tokens, vectors)[start:])
+            rests.append(self.with_concepts(view.image_tokens[start:], vectors, view.scale))
         suffix = ids[:, split:]
         embeds = self.model.get_input_embeddings()(suffix)
         slots = (suffix == self.image_token_id).unsqueeze(-1)
         embeds = embeds.masked_scatter(slots, torch.cat(rests).to(embeds.dtype))
         extra = {k: v[:, split:] for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "labels")}
-        # Logits only from the position before the earliest target on: the ones before predict no label.
+        # Logits only at the positions whose next token is a target, in one [n, vocabulary] block.
         labels = inputs["labels"][:, split:]
-        targets = (labels != -100).any(dim=0).nonzero()
-        keep = labels.shape[1] - max(int(targets[0]) - 1, 0) if len(targets) else 1
-        with self.image_pass(suffix, views, starts):
+        predicting = torch.zeros_like(labels, dtype=torch.bool)
+        predicting[:, :-1] = labels[:, 1:] != -100
+        concepts = [[row - split for row in rows] for rows in batch.concept_positions]
+        read = _read_rows(predicting, concepts, len(self.feed_forward_blocks))
+        with self.image_pass(suffix, views, starts), self._feed_forward_rows(read):
             output = self.model(
                 inputs_embeds=embeds,
                 attention_mask=mask,
                 cache=cache,
                 position_ids=_cut(positions, split, None),
-                labels=labels[:, -keep:],
-                logits_to_keep=keep,
+                logits_to_keep=predicting,
                 use_cache=cache is not None,
                 **{k: v for k, v in extra.items() if v.dim() == 2 and v.shape[1] == suffix.shape[1]},
             )
-        return output.loss
+        vocabulary = self.model.config.get_text_config().vocab_size
+        targets = labels[:, 1:][predicting[:, :-1]]
+        return self.model.loss_function(logits=output.logits, labels=None, vocab_size=vocabulary, shift_labels=targets)
+
+    @property
+    def feed_forward_blocks(self) -> list[torch.nn.Module]:
+        """Each decoder layer's feed-forward block (`mlp`: position-wise, dense or mixture-of-experts), in order; none
+        where a layer has no such block."""
+        blocks = [getattr(layer, "mlp", None) for layer in getattr(self.language_model, "layers", ())]
+        return blocks if all(isinstance(block, torch.nn.Module) for block in blocks) else []
+
+    @contextlib.contextmanager
+    def _feed_forward_rows(self, kept: Sequence[torch.Tensor | None]):
+        """Each decoder layer's feed-forward block computes only its `kept` positions ([B, L] bool; None: all) and
+        gives the others zeros. The block is position-wise, so the kept positions' outputs are what they would be;
+        for cached training, whose short passes spend most of their time there, on rows no later step reads."""
+        handles, indices = [], {}
+        for block, rows in zip(self.feed_forward_blocks, kept, strict=True):
+            if rows is None:
+                continue
+            if id(rows) not in indices:  # layers sharing their positions share the index
+                indices[id(rows)] = rows.flatten().nonzero().squeeze(1)  # rows of the flattened [B * L, D] states
+            index = indices[id(rows)]
+
+            def gather(module, args, index=index):
+                return (args[0].flatten(0, 1).index_select(0, index)[None],)
+
+            def scatter(module, args, output, rows=rows, index=index):
+                return (
+                    output.new_zeros(rows.numel(), output.shape[-1])
+                    .index_copy(0, index, output[0])
+                    .view(*rows.shape, -1)
+                )
+
+            handles += [block.register_forward_pre_hook(gather), block.register_forward_hook(scatter)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     @torch.no_grad()
     def _prefixes(self, ids, mask, views: Sequence[SequenceView], positions) -> list[list]:
@@ -227,7 +276,14 @@ class SequenceBackend(Backend):
             slots = (ids[rows] == self.image_token_id).unsqueeze(-1)
             image_rows = [views[b].image_tokens[: int(slots[i].sum())] for i, b in enumerate(rows)]
             embeds = embeds.masked_scatter(slots, torch.cat(image_rows).to(embeds.dtype))
-            with self.hooks_off(), self.image_pass(ids[rows], [views[b] for b in rows], [0] * len(rows)):
+            # Only keys and values are kept: the last layer's feed-forward block runs on no position.
+            depth = len(self.feed_forward_blocks)
+            unread = [None] * (depth - 1) + [torch.zeros_like(ids[rows], dtype=torch.bool)] if depth else []
+            with (
+                self.hooks_off(),
+                self.image_pass(ids[rows], [views[b] for b in rows], [0] * len(rows)),
+                self._feed_forward_rows(unread),
+            ):
                 cache = self.language_model(
                     inputs_embeds=embeds,
                     attention_mask=mask[rows],
@@ -238,6 +294,25 @@ class SequenceBackend(Backend):
             for i, b in enumerate(rows):
                 views[b].prefixes[keys[b]] = [(lay.keys[i : i + 1], lay.values[i : i + 1]) for lay in cache.layers]
         return [view.prefixes[key] for view, key in zip(views, keys, strict=True)]
+
+
+def mean_norm(tokens: torch.Tensor) -> torch.Tensor:
+    """The mean L2 norm of [N, D] tokens (in float32): the scale the concept vectors of their image take."""
+    return tokens.float().norm(dim=-1).mean()
+
+
+def _read_rows(predicting: torch.Tensor, concepts: list[list[int]], depth: int) -> list[torch.Tensor]:
+    """Per layer of a cached step's suffix pass ([B, L] positions whose logits meet a label, each row's concept
+    positions), the positions whose feed-forward output is read: in the last layer the predicting ones; in earlier
+    ones every position up to a row's last predicting position or concept token (the regularizer reads the concept
+    rows' queries in every layer), since later positions (padding, a row's final token) feed only later ones."""
+    if not depth:
+        return []
+    read = predicting.clone()
+    for row, positions in enumerate(concepts):
+        read[row, positions] = True
+    reach = read.flip(-1).cummax(dim=-1).values.flip(-1)  # at or before the row's last read position
+    return [reach] * (depth - 1) + [predicting]
 
 
 def _cut(positions: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:
