@@ -246,14 +246,17 @@ class SequenceBackend(Backend):
             index = indices[id(rows)]
 
             def gather(module, args, index=index):
-                return (args[0].flatten(0, 1).index_select(0, index)[None],)
+                if not args or not torch.is_tensor(args[0]) or args[0].dim() != 3:  # a call this cannot narrow
+                    return None
+                return (args[0].flatten(0, 1).index_select(0, index)[None], *args[1:])
 
             def scatter(module, args, output, rows=rows, index=index):
-                return (
-                    output.new_zeros(rows.numel(), output.shape[-1])
-                    .index_copy(0, index, output[0])
-                    .view(*rows.shape, -1)
-                )
+                hidden = output[0] if isinstance(output, tuple) else output
+                if not args or not torch.is_tensor(args[0]) or args[0].shape[:2] != (1, len(index)):
+                    return None
+                full = hidden.new_zeros(rows.numel(), hidden.shape[-1]).index_copy(0, index, hidden[0])
+                full = full.view(*rows.shape, -1)
+                return (full, *output[1:]) if isinstance(output, tuple) else full
 
             handles += [block.register_forward_pre_hook(gather), block.register_forward_hook(scatter)]
         try:
