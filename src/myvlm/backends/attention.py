@@ -7,11 +7,13 @@ query and key states the layer hands its kernel. Those states already carry the 
 rotary variant (1-D RoPE, M-RoPE, ...), the cached prefix's keys, and the layer's mask (causal, padding, sliding
 window, bidirectional image blocks), so no family needs its own copy of that arithmetic.
 
-One call takes a shorter road: a masked multi-token SDPA call of a grouped-query layer (fewer key/value heads than
-query heads: Qwen, Llama 3, Mistral) on the CPU. HF copies each key/value head once per query head of its group there
-(`repeat_kv`) and the backward pass sums the copies' gradients back; SDPA's own grouping (`enable_gqa`) runs the same
-CPU kernel on the uncopied heads, with the same outputs and gradients, and ~10 % less time per cached training step
-(a short suffix against a long cached prefix, where the copies and their gradients are most of the attention's work).
+One call takes a shorter road: a masked multi-token SDPA call of a frozen grouped-query layer (fewer key/value heads
+than query heads: Qwen, Llama 3, Mistral) on the CPU. HF copies each key/value head once per query head of its group
+there (`repeat_kv`) and the backward pass sums the copies' gradients back; SDPA's own grouping (`enable_gqa`) runs the
+same CPU kernel on the uncopied heads, with the same outputs and gradients, and ~10 % less time per cached training
+step (a short suffix against a long cached prefix, where the copies and their gradients are most of the attention's
+work). A layer whose own weights train keeps HF's path: summed in another order, their gradients would differ in the
+last bits from what HF's own training computes.
 """
 
 from __future__ import annotations
@@ -59,8 +61,8 @@ def probing_name(original: str) -> str:
 
 
 def _groups_on_cpu(module, query, attention_mask, kwargs) -> bool:
-    """Whether HF's SDPA call would copy key/value heads (`repeat_kv`) on the CPU with nothing `grouped_sdpa` leaves
-    out (a position bias or a soft cap)."""
+    """Whether HF's SDPA call would copy key/value heads (`repeat_kv`) on the CPU of a frozen layer with nothing
+    `grouped_sdpa` leaves out (a position bias or a soft cap)."""
     return (
         query.device.type == "cpu"
         and getattr(module, "num_key_value_groups", 1) > 1
@@ -68,6 +70,7 @@ def _groups_on_cpu(module, query, attention_mask, kwargs) -> bool:
         and query.shape[2] > 1
         and kwargs.get("position_bias") is None
         and kwargs.get("softcap") is None
+        and not any(parameter.requires_grad for parameter in module.parameters())
     )
 
 
