@@ -134,6 +134,22 @@ def test_a_folder_without_a_chat_template_is_named(tmp_path):
         vlm.caption([photo(32, 32, 0)])
 
 
+def test_an_image_the_processor_refuses_is_one_clear_error_in_captioning_and_training(vlm):
+    """Qwen's image processor refuses aspect ratios over 200:1 (a raw ValueError from deep inside HF): captioning,
+    asking and both training loops name the image's size in one line instead."""
+    strip, one_step = photo(2, 600, 0), myvlm.TrainingConfig(steps=1)
+    calls = [
+        lambda: vlm.caption([photo(32, 32, 1), strip]),
+        lambda: vlm.ask(strip, "What is in the photo ?"),
+        lambda: vlm.learn("strip", "Bobby", [strip], [["Bobby ."]], one_step, progress=False),
+        lambda: vlm.learn("strip", "Bobby", [strip], [["Bobby ."]], one_step, progress=False, views_per_image=None),
+    ]
+    for call in calls:
+        with pytest.raises(MyVLMError, match="cannot take a 2x600 image: absolute aspect ratio") as error:
+            call()
+        assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("halves", ["left-right", "top-bottom"])
 def test_tower_patches_come_row_by_row_as_region_boxes_read_them(vlm, halves):
     """The processor flattens patches merge block by merge block and Qwen2.5-VL's tower returns them window by
