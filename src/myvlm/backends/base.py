@@ -9,6 +9,7 @@ injected the model runs its untouched code path.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -167,6 +168,13 @@ class Backend:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    @functools.cached_property
+    def special_tokens(self) -> set[str]:
+        """The tokenizer's special tokens (image placeholders, turn markers): user text holding one would change the
+        prompt's structure, e.g. one image placeholder more than there are images."""
+        added = {token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special}
+        return added | set(self.tokenizer.all_special_tokens)
 
     @property
     def device(self) -> torch.device:

@@ -126,8 +126,8 @@ class Qwen2VLBackend(SequenceBackend):
             raise MyVLMError(f"the {self.family} image processor cannot take a {named} image: {reason}") from None
 
     def prompt_ids(self, prompt: str, size: tuple[int, int]) -> list[int]:
-        with self.refusals([size]):
-            return super().prompt_ids(prompt, size)
+        self.grid(size)  # the image processor alone first: a size it refuses is named as such, not as a prompt error
+        return super().prompt_ids(prompt, size)
 
     def pixel_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
         with self.refusals([image.size for image in images]):
