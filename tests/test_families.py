@@ -200,14 +200,21 @@ def test_cached_training_step_equals_the_full_step(family, attention):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
 
 
-def test_a_question_holding_the_image_placeholder_is_one_clear_error(family):
-    """The processor would find one image placeholder more than there are images (a raw ValueError from HF, or for
-    Gemma 3 a token-feature mismatch deep in the model): the question is refused in one line naming the token."""
+def test_text_holding_the_image_placeholder_is_one_clear_error(family):
+    """The processor would find one image placeholder more than there are images (a raw ValueError from HF, or a
+    token-feature mismatch deep in the model): a question, caption or identifier holding it is refused in one line."""
     vlm = load(family)
     token = vlm.processor.image_token
-    with pytest.raises(MyVLMError, match=f"special token '{re.escape(token)}'") as error:
-        vlm.ask(scenes(1)[0], f"What is {token} here ?")
-    assert "\n" not in str(error.value)
+    image, one_step = scenes(1)[0], myvlm.TrainingConfig(steps=1, batch_size=1)
+    calls = [
+        lambda: vlm.ask(image, f"What is {token} here ?"),
+        lambda: vlm.learn("bobby", "Bobby", [image], [[f"Bobby {token} is on the left ."]], one_step, progress=False),
+        lambda: vlm.learn("bobby", token, [image], [[f"{token} is on the left ."]], one_step, progress=False),
+    ]
+    for call in calls:
+        with pytest.raises(MyVLMError, match=f"special token '{re.escape(token)}'") as error:
+            call()
+        assert "\n" not in str(error.value)
 
 
 def test_embedding_round_trip_and_width_mismatch(family, tmp_path):

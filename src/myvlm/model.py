@@ -240,9 +240,8 @@ class PersonalizedVLM:
         """Answer a question about one image, e.g. "What is Bobby doing?"."""
         if not question or not question.strip():
             raise MyVLMError("the question is empty")
-        held = sorted(token for token in self.backend.special_tokens if token in question)
-        if held:
-            raise MyVLMError(f"the question holds the model's special token {held[0]!r}; leave it out")
+        if token := self.backend.special_token_in(question):
+            raise MyVLMError(f"the question holds the model's special token {token!r}; leave it out")
         per_image = None if concepts is None else [concepts]
         prompt = self.backend.prompt(VQA, question=question.strip())
         return self._run([image], lambda ids: prompt, per_image, 1, max_new_tokens, False)[0]

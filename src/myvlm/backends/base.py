@@ -170,11 +170,14 @@ class Backend:
         self._handles.clear()
 
     @functools.cached_property
-    def special_tokens(self) -> set[str]:
-        """The tokenizer's special tokens (image placeholders, turn markers): user text holding one would change the
-        prompt's structure, e.g. one image placeholder more than there are images."""
+    def _special_tokens(self) -> list[str]:
         added = {token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special}
-        return added | set(self.tokenizer.all_special_tokens)
+        return sorted(token for token in added | set(self.tokenizer.all_special_tokens) if token)
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first of the tokenizer's special tokens (image placeholders, turn markers) that `text` holds: user text
+        holding one would change the prompt's structure, e.g. one image placeholder more than there are images."""
+        return next((token for token in self._special_tokens if token in text), None)
 
     @property
     def device(self) -> torch.device:
