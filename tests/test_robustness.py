@@ -265,6 +265,8 @@ def test_python_api_misuse_is_one_clear_error(model_dir):
         "image 0 is a str, not a PIL image": lambda: vlm.caption(["photo.png"]),
         r"image 0 is empty \(0x0 pixels\)": lambda: vlm.caption([Image.new("RGB", (0, 0))]),
         "must be at least 1": lambda: vlm.caption([image], max_new_tokens=0),
+        "NaN or infinite": lambda: vlm.add_concept("n", "N", torch.full((vlm.concept_width,), float("nan"))),
+        "identifier .* is empty": lambda: vlm.add_concept("n", " ", torch.randn(vlm.concept_width)),
         r"one list of captions per image \(1 images, 2 entries\)": lambda: vlm.learn(
             "b", "Bobby", [image], [["Bobby ."], ["Bobby ."]], one_step, progress=False
         ),
