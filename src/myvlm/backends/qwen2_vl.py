@@ -31,7 +31,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from myvlm.backends.base import CAPTION, VQA, Batch, instruction
 from myvlm.backends.sequence import SequenceBackend
-from myvlm.errors import MyVLMError
+from myvlm.errors import MyVLMError, UnusableImage
 
 END_OF_TURN = "<|im_end|>"
 
@@ -123,7 +123,7 @@ class Qwen2VLBackend(SequenceBackend):
         except ValueError as error:
             named = ", ".join(dict.fromkeys(f"{width}x{height}" for width, height in sizes))
             reason = str(error).splitlines()[0]
-            raise MyVLMError(f"the {self.family} image processor cannot take a {named} image: {reason}") from None
+            raise UnusableImage(f"the {self.family} image processor cannot take a {named} image: {reason}") from None
 
     def prompt_ids(self, prompt: str, size: tuple[int, int]) -> list[int]:
         self.grid(size)  # the image processor alone first: a size it refuses is named as such, not as a prompt error
