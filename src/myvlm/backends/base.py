@@ -115,10 +115,13 @@ class Backend:
         raise NotImplementedError
 
     def tower_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[B, patches, width] features of the vision tower's last layer (no CLS token), for object heads that reuse
-        the tower. Families whose towers take other inputs override it."""
+        """[B, patches, width] features of the vision tower's last layer, for object heads that reuse the tower: the
+        patch grid's positions only, so a CLS token (CLIP) is dropped and a tower without one (SigLIP) keeps every
+        patch. Families whose towers take other inputs override it."""
         pixels = self.pixel_values(images).to(self.device, self.dtype)
-        return self.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
+        vision = self.vision_tower.config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return self.vision_tower(pixel_values=pixels).last_hidden_state[:, -patches:]
 
     @property
     def tower_width(self) -> int:
