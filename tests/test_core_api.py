@@ -169,3 +169,21 @@ def test_augmentation_takes_every_photo_mode(mode):
     view = augment(image, np.random.default_rng(0), flip_p=0.0, brightness=0.0, max_degrees=30.0)
     assert view.mode == mode and view.size == image.size
     assert view.getpixel((0, 0)) in (0, (0, 0, 0, 0), (0, 0, 0))  # a rotated-in corner is black
+
+
+@pytest.mark.parametrize(("mode", "value"), [("P", 5), ("1", 1), ("I", 40000), ("F", 123.5), ("I;16", 50000)])
+def test_augmentation_takes_palette_bilevel_and_high_bit_depth_photos_as_rgb(mode, value):
+    """Pillow cannot change the brightness of a palette, 1-bit or 16/32-bit photo (`learn` on a GIF or a 16-bit PNG
+    opened with Image.open crashed with "image has wrong mode"): those views are made from the photo in RGB."""
+    from PIL import Image
+
+    from myvlm.augment import augment
+    from myvlm.images import to_rgb
+
+    image = Image.new(mode, (32, 24), value)
+    if mode == "P":
+        image.putpalette([200, 100, 50] * 256)
+    view = augment(image, np.random.default_rng(0), flip_p=0.0, brightness=0.0, max_degrees=30.0)
+    assert view.mode == "RGB" and view.size == image.size
+    assert view.getpixel((0, 0)) == (0, 0, 0)  # a rotated-in corner is black
+    assert view.getpixel((16, 12)) == to_rgb(image).getpixel((16, 12)) != (0, 0, 0)  # the middle keeps the photo

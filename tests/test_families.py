@@ -5,6 +5,7 @@ several concepts, mixed batches, cached training, storage, errors, the learning 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -197,6 +198,23 @@ def test_cached_training_step_equals_the_full_step(family, attention):
     assert reference[1] > 0 and reference[2].norm() > 0
     for ours, theirs in zip(fast, reference, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+
+def test_text_holding_the_image_placeholder_is_one_clear_error(family):
+    """The processor would find one image placeholder more than there are images (a raw ValueError from HF, or a
+    token-feature mismatch deep in the model): a question, caption or identifier holding it is refused in one line."""
+    vlm = load(family)
+    token = vlm.processor.image_token
+    image, one_step = scenes(1)[0], myvlm.TrainingConfig(steps=1, batch_size=1)
+    calls = [
+        lambda: vlm.ask(image, f"What is {token} here ?"),
+        lambda: vlm.learn("bobby", "Bobby", [image], [[f"Bobby {token} is on the left ."]], one_step, progress=False),
+        lambda: vlm.learn("bobby", token, [image], [[f"{token} is on the left ."]], one_step, progress=False),
+    ]
+    for call in calls:
+        with pytest.raises(MyVLMError, match=f"special token '{re.escape(token)}'") as error:
+            call()
+        assert "\n" not in str(error.value)
 
 
 def test_embedding_round_trip_and_width_mismatch(family, tmp_path):

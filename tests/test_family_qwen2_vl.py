@@ -134,6 +134,41 @@ def test_a_folder_without_a_chat_template_is_named(tmp_path):
         vlm.caption([photo(32, 32, 0)])
 
 
+def test_an_image_the_processor_refuses_is_one_clear_error_in_captioning_and_training(vlm):
+    """Qwen's image processor refuses aspect ratios over 200:1 (a raw ValueError from deep inside HF): captioning,
+    asking and both training loops name the image's size in one line instead."""
+    strip, one_step = photo(2, 600, 0), myvlm.TrainingConfig(steps=1)
+    calls = [
+        lambda: vlm.caption([photo(32, 32, 1), strip]),
+        lambda: vlm.ask(strip, "What is in the photo ?"),
+        lambda: vlm.learn("strip", "Bobby", [strip], [["Bobby ."]], one_step, progress=False),
+        lambda: vlm.learn("strip", "Bobby", [strip], [["Bobby ."]], one_step, progress=False, views_per_image=None),
+    ]
+    for call in calls:
+        with pytest.raises(MyVLMError, match="cannot take a 2x600 image: absolute aspect ratio") as error:
+            call()
+        assert "\n" not in str(error.value)
+
+
+def test_a_caption_job_records_a_refused_photo_and_captions_the_others(tmp_path):
+    """One photo the processor refuses used to stop a whole library job (and every resume of it): its row now holds
+    the reason, as for an unreadable file, and the photos of its batch are captioned as if it were not there."""
+    from myvlm.cli import main
+
+    model = str(BUILDERS["qwen2_vl"](tmp_path / "model", 0))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo(48, 32, 1).save(folder / "a.png")
+    photo(8, 1700, 2).save(folder / "b.png")  # 212:1, past the processor's 200:1
+    photo(32, 32, 3).save(folder / "c.png")
+    out = tmp_path / "rows.jsonl"
+    assert main(["caption", str(folder), "--model", model, "--library", str(tmp_path / "lib"), "--out", str(out)]) == 0
+    rows = {row["image"].rsplit("/", 1)[-1]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert "cannot take a 8x1700 image: absolute aspect ratio" in rows["b.png"]["error"]
+    alone = myvlm.load(model).caption([photo(48, 32, 1), photo(32, 32, 3)], max_new_tokens=40)
+    assert [rows["a.png"]["caption"], rows["c.png"]["caption"]] == [c.text for c in alone]
+
+
 @pytest.mark.parametrize("halves", ["left-right", "top-bottom"])
 def test_tower_patches_come_row_by_row_as_region_boxes_read_them(vlm, halves):
     """The processor flattens patches merge block by merge block and Qwen2.5-VL's tower returns them window by

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, features
 
+import myvlm
 import myvlm.personalize
 from myvlm.cli import main
 from myvlm.errors import MyVLMError
@@ -248,6 +249,35 @@ def test_single_bad_file_or_batch_of_only_bad_files_fails(tmp_path, model_dir, c
     assert f"{bad}: not an image" in line  # one line, with the reason
     line = cli_error(capsys, "ask", str(bad), "what?", "--model", str(model_dir), "--library", str(tmp_path / "lib"))
     assert f"{bad}: not an image" in line
+
+
+def test_python_api_misuse_is_one_clear_error(model_dir):
+    """Wrong argument shapes to caption / ask / learn fail in one line naming the mistake, not as a KeyError, an
+    IndexError or a ZeroDivisionError from deep inside (a bare name was read letter by letter)."""
+    vlm = myvlm.load(str(model_dir))
+    vlm.add_concept("bobby", "Bobby", torch.randn(vlm.concept_width))
+    image, one_step = photos(1)[0], myvlm.TrainingConfig(steps=1)
+    misuse = {
+        "has no embedding": lambda: vlm.caption([image], concepts=[["nope"]]),
+        r"as a list of names, e.g. \[\['bobby'\]\]": lambda: vlm.caption([image], concepts=["bobby"]),
+        r"as a list of names, e.g. \['bobby'\]": lambda: vlm.ask(image, "What is it ?", concepts="bobby"),
+        "give a list of images": lambda: vlm.caption(image),
+        "image 0 is a str, not a PIL image": lambda: vlm.caption(["photo.png"]),
+        r"image 0 is empty \(0x0 pixels\)": lambda: vlm.caption([Image.new("RGB", (0, 0))]),
+        "must be at least 1": lambda: vlm.caption([image], max_new_tokens=0),
+        "NaN or infinite": lambda: vlm.add_concept("n", "N", torch.full((vlm.concept_width,), float("nan"))),
+        "identifier .* is empty": lambda: vlm.add_concept("n", " ", torch.randn(vlm.concept_width)),
+        r"one list of captions per image \(1 images, 2 entries\)": lambda: vlm.learn(
+            "b", "Bobby", [image], [["Bobby ."], ["Bobby ."]], one_step, progress=False
+        ),
+        r"one list of captions per image \(1 images, 1 entries\)": lambda: vlm.learn(
+            "b", "Bobby", [image], ["Bobby ."], one_step, progress=False
+        ),
+    }
+    for message, call in misuse.items():
+        with pytest.raises(MyVLMError, match=message) as error:
+            call()
+        assert "\n" not in str(error.value)
 
 
 # --- 2. concepts ----------------------------------------------------------------------------------------------------

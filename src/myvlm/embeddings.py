@@ -76,6 +76,10 @@ class ConceptEmbeddings(nn.Module):
                 f"concept '{name}': embedding width {vector.numel()} does not match {model_id} "
                 f"(needs {self.width}); it was trained for another model"
             )
+        if not torch.isfinite(vector).all():
+            raise MyVLMError(f"concept '{name}': its embedding holds NaN or infinite values")
+        if not isinstance(identifier, str) or not identifier.strip():
+            raise MyVLMError(f"concept '{name}': the identifier (the word the VLM should say) is empty")
         if name not in self._keys:
             self._keys[name] = f"concept_{self._added}"
             self._added += 1

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from myvlm.errors import MyVLMError
+from myvlm.errors import MyVLMError, UnusableImage
 from myvlm.images import IMAGE_EXTENSIONS, file_box, load_image
 from myvlm.storage import explain_os_errors
 
@@ -296,11 +296,13 @@ def run_job(
                 good = [image for _, image, _ in batch if image is not None]
                 if good and label is None:
                     label = labeler()
-                labels = iter(label(good) if good else [])
+                labels = iter(labeled(label, good))
                 rows = []
                 for path, _, error in batch:
+                    if error is None and isinstance(label_row := next(labels), str):
+                        error = f"{path}: {label_row}"
                     if error is None:
-                        rows.append({"image": str(path), **next(labels)})
+                        rows.append({"image": str(path), **label_row})
                         summary.labeled += 1
                     else:
                         rows.append({"image": str(path), "error": error})
@@ -316,6 +318,17 @@ def run_job(
         bar.close()
         results.close(complete)
     return summary
+
+
+def labeled(label: Callable[[Sequence[Image.Image]], list[dict]], images: list[Image.Image]) -> list[dict | str]:
+    """The batch's labels; where the model refuses one of its images, each image alone, a refused one as the
+    one-line reason (its row says so and the job goes on, as for a file that cannot be read)."""
+    try:
+        return label(images) if images else []
+    except UnusableImage as error:
+        if len(images) == 1:
+            return [" ".join(str(error).splitlines())]
+        return [row for image in images for row in labeled(label, [image])]
 
 
 class NoFile:

@@ -135,6 +135,9 @@ class PersonalizedVLM:
         """Learn a concept embedding from images and their captions (each mentioning `identifier`)."""
         from myvlm.training import caption_examples, learn_concept
 
+        _check_images(images)
+        if len(captions) != len(images) or any(isinstance(c, str) for c in captions):
+            raise MyVLMError(f"give one list of captions per image ({len(images)} images, {len(captions)} entries)")
         return learn_concept(self, name, identifier, images, caption_examples(captions), config, **kwargs)
 
     def remove_concept(self, name: str) -> None:
@@ -173,13 +176,19 @@ class PersonalizedVLM:
     ) -> Iterator[Injection]:
         """Insert the named concepts (each once, in name order) into the images of the forward passes run inside
         (`batch`: the batch they run, which `backend.loss` and `generate` also fill in)."""
-        for names in per_image:
-            unknown = [n for n in names if n not in self.embeddings]
-            if unknown:
-                raise MyVLMError(f"concept '{unknown[0]}' has no embedding for {self.model_id}; train it first")
+        self._check_names(per_image)
         vectors = [self.embeddings.stack(sorted(set(names))) for names in per_image]
         with self.backend.inject(vectors, batch=batch, record_attention=record_attention) as injection:
             yield injection
+
+    def _check_names(self, per_image: Sequence[Sequence[str]]) -> None:
+        """Concepts come as one list of known names per image (a bare name would be read letter by letter)."""
+        for names in per_image:
+            if isinstance(names, str):
+                raise MyVLMError(f"give the concepts of each image as a list of names, e.g. [['{names}']]")
+            unknown = [n for n in names if n not in self.embeddings]
+            if unknown:
+                raise MyVLMError(f"concept '{unknown[0]}' has no embedding for {self.model_id}; train it first")
 
     # --- generation -----------------------------------------------------------------------------------------------
     def _run(
@@ -191,6 +200,11 @@ class PersonalizedVLM:
         max_new_tokens: int,
         progress: bool,
     ) -> list[Caption]:
+        _check_images(images)
+        if batch_size < 1 or max_new_tokens < 1:
+            raise MyVLMError(f"batch_size and max_new_tokens must be at least 1 (got {batch_size}, {max_new_tokens})")
+        if concepts is not None:
+            self._check_names(concepts)
         per_image = [sorted(set(c)) for c in concepts] if concepts is not None else self.detect(images)
         if len(per_image) != len(images):
             raise MyVLMError(f"got concepts for {len(per_image)} images but {len(images)} images")
@@ -240,9 +254,24 @@ class PersonalizedVLM:
         """Answer a question about one image, e.g. "What is Bobby doing?"."""
         if not question or not question.strip():
             raise MyVLMError("the question is empty")
+        if token := self.backend.special_token_in(question):
+            raise MyVLMError(f"the question holds the model's special token {token!r}; leave it out")
+        if isinstance(concepts, str):
+            raise MyVLMError(f"give the concepts as a list of names, e.g. ['{concepts}']")
         per_image = None if concepts is None else [concepts]
         prompt = self.backend.prompt(VQA, question=question.strip())
         return self._run([image], lambda ids: prompt, per_image, 1, max_new_tokens, False)[0]
+
+
+def _check_images(images: Sequence[Image.Image]) -> None:
+    """Images come as a sequence of non-empty PIL images (files: `myvlm.load_image`)."""
+    if isinstance(images, Image.Image):
+        raise MyVLMError("give a list of images, e.g. [image]")
+    for index, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise MyVLMError(f"image {index} is a {type(image).__name__}, not a PIL image (open files with load_image)")
+        if not image.width or not image.height:
+            raise MyVLMError(f"image {index} is empty ({image.width}x{image.height} pixels)")
 
 
 @contextlib.contextmanager

@@ -312,6 +312,9 @@ def learn_concept(
     for example in examples:
         if not any(identifier in answer for answer in example.answers) and example.question is None:
             raise MyVLMError(f"concept '{name}': caption '{example.answers[0]}' does not contain '{identifier}'")
+    for text in (identifier, *(t for e in examples for t in (*e.answers, e.question or ""))):
+        if token := vlm.backend.special_token_in(text):
+            raise MyVLMError(f"concept '{name}': {text!r} holds the model's special token {token!r}; leave it out")
     view_rng = np.random.default_rng([config.seed, 1])
     pool = _view_pool(vlm.backend, images, views_per_image, config, view_rng)
     vlm.add_concept(name, identifier, torch.zeros(vlm.concept_width))

@@ -9,6 +9,7 @@ injected the model runs its untouched code path.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -116,10 +117,13 @@ class Backend:
         raise NotImplementedError
 
     def tower_patches(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """[B, patches, width] features of the vision tower's last layer (no CLS token), for object heads that reuse
-        the tower. Families whose towers take other inputs override it."""
+        """[B, patches, width] features of the vision tower's last layer, for object heads that reuse the tower: the
+        patch grid's positions only, so a CLS token (CLIP) is dropped and a tower without one (SigLIP) keeps every
+        patch. Families whose towers take other inputs override it."""
         pixels = self.pixel_values(images).to(self.device, self.dtype)
-        return self.vision_tower(pixel_values=pixels).last_hidden_state[:, 1:]
+        vision = self.vision_tower.config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return self.vision_tower(pixel_values=pixels).last_hidden_state[:, -patches:]
 
     @property
     def tower_width(self) -> int:
@@ -169,6 +173,16 @@ class Backend:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    @functools.cached_property
+    def _special_tokens(self) -> list[str]:
+        added = {token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special}
+        return sorted(token for token in added | set(self.tokenizer.all_special_tokens) if token)
+
+    def special_token_in(self, text: str) -> str | None:
+        """The first of the tokenizer's special tokens (image placeholders, turn markers) that `text` holds: user text
+        holding one would change the prompt's structure, e.g. one image placeholder more than there are images."""
+        return next((token for token in self._special_tokens if token in text), None)
 
     @property
     def device(self) -> torch.device:

@@ -14,8 +14,9 @@ The stock processors carry a torchvision video processor; without torchvision th
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -30,7 +31,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from myvlm.backends.base import CAPTION, VQA, Batch, instruction
 from myvlm.backends.sequence import SequenceBackend
-from myvlm.errors import MyVLMError
+from myvlm.errors import MyVLMError, UnusableImage
 
 END_OF_TURN = "<|im_end|>"
 
@@ -114,8 +115,23 @@ class Qwen2VLBackend(SequenceBackend):
             messages, chat_template=template, add_generation_prompt=True, tokenize=False
         )
 
+    @contextlib.contextmanager
+    def refusals(self, sizes: Sequence[tuple[int, int]]) -> Iterator[None]:
+        """The image processor's refusal of an image (an aspect ratio over 200:1) as one line naming its size."""
+        try:
+            yield
+        except ValueError as error:
+            named = ", ".join(dict.fromkeys(f"{width}x{height}" for width, height in sizes))
+            reason = str(error).splitlines()[0]
+            raise UnusableImage(f"the {self.family} image processor cannot take a {named} image: {reason}") from None
+
+    def prompt_ids(self, prompt: str, size: tuple[int, int]) -> list[int]:
+        self.grid(size)  # the image processor alone first: a size it refuses is named as such, not as a prompt error
+        return super().prompt_ids(prompt, size)
+
     def pixel_inputs(self, images: Sequence[Image.Image]) -> dict[str, torch.Tensor]:
-        processed = self.processor.image_processor(list(images), return_tensors="pt")
+        with self.refusals([image.size for image in images]):
+            processed = self.processor.image_processor(list(images), return_tensors="pt")
         return {"pixel_values": processed["pixel_values"], "image_grid_thw": processed["image_grid_thw"]}
 
     def grid(self, size: tuple[int, int]) -> torch.Tensor:
