@@ -169,6 +169,27 @@ def test_a_caption_job_records_a_refused_photo_and_captions_the_others(tmp_path)
     assert [rows["a.png"]["caption"], rows["c.png"]["caption"]] == [c.text for c in alone]
 
 
+def test_the_ray_stages_record_a_refused_photo_and_label_the_others(tmp_path):
+    """The Ray engine's stages (run here as plain objects, the code its actors run) treat a refused photo as the local
+    job does: the row's error names it, and the rest of the batch is captioned as if it were not there."""
+    import numpy as np
+
+    from myvlm.ray_engine import CaptionStage, DetectStage, read_photos
+
+    model = str(BUILDERS["qwen2_vl"](tmp_path / "model", 0))
+    paths = [tmp_path / name for name in ("a.png", "b.png", "c.png")]
+    for path, (width, height, seed) in zip(paths, [(48, 32, 1), (8, 1700, 2), (32, 32, 3)], strict=True):
+        photo(width, height, seed).save(path)
+    batch = read_photos({"image": np.array([str(path) for path in paths], dtype=object)})
+    threads = torch.get_num_threads()
+    batch = DetectStage(str(tmp_path / "lib"), model, threads)(batch)
+    rows = CaptionStage(str(tmp_path / "lib"), model, {}, 8, threads)(batch)
+    assert list(rows["error"][[0, 2]]) == ["", ""]
+    assert rows["error"][1].startswith(f"{paths[1]}: ") and "cannot take a 8x1700 image" in rows["error"][1]
+    alone = myvlm.load(model).caption([photo(48, 32, 1), photo(32, 32, 3)], max_new_tokens=40)
+    assert [json.loads(rows["labels"][i])["caption"] for i in (0, 2)] == [c.text for c in alone]
+
+
 @pytest.mark.parametrize("halves", ["left-right", "top-bottom"])
 def test_tower_patches_come_row_by_row_as_region_boxes_read_them(vlm, halves):
     """The processor flattens patches merge block by merge block and Qwen2.5-VL's tower returns them window by

@@ -320,15 +320,16 @@ def run_job(
     return summary
 
 
-def labeled(label: Callable[[Sequence[Image.Image]], list[dict]], images: list[Image.Image]) -> list[dict | str]:
-    """The batch's labels; where the model refuses one of its images, each image alone, a refused one as the
-    one-line reason (its row says so and the job goes on, as for a file that cannot be read)."""
+def labeled(label: Callable[[list], list[dict]], photos: list) -> list[dict | str]:
+    """The batch's labels (`photos`: its images, or whatever `label` takes per photo); where the model refuses one
+    of them, each photo alone, a refused one as the one-line reason (its row says so and the job goes on, as for a
+    file that cannot be read)."""
     try:
-        return label(images) if images else []
+        return label(photos) if photos else []
     except UnusableImage as error:
-        if len(images) == 1:
+        if len(photos) == 1:
             return [" ".join(str(error).splitlines())]
-        return [row for image in images for row in labeled(label, [image])]
+        return [row for photo in photos for row in labeled(label, [photo])]
 
 
 class NoFile:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from myvlm.errors import MyVLMError
-from myvlm.jobs import CAPTION, JobSummary, caption_labels, detection_labels, read_photo, walk_images
+from myvlm.jobs import CAPTION, JobSummary, caption_labels, detection_labels, labeled, read_photo, walk_images
 
 # A worker is one detect actor and one caption actor sharing a CPU (the caption actor does most of the work); a
 # detect-only job gives its actor the whole CPU. Reading is light and takes no CPU of its own from the workers.
@@ -84,10 +84,10 @@ class DetectStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         indices, images = _images(batch)
-        labels = np.full(len(batch["image"]), "", dtype=object)
-        for index, label in zip(indices, detection_labels(self.detector, images), strict=True):
-            labels[index] = json.dumps(label)
-        return batch | {"labels": labels}
+        labels, errors = np.full(len(batch["image"]), "", dtype=object), batch["error"].copy()
+        found = labeled(lambda subset: detection_labels(self.detector, subset), images)
+        _fill(batch["image"], indices, found, labels, errors)
+        return batch | {"labels": labels, "error": errors}
 
 
 class CaptionStage:
@@ -104,11 +104,24 @@ class CaptionStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         indices, images = _images(batch)
-        labels = batch["labels"].copy()
+        labels, errors = batch["labels"].copy(), batch["error"].copy()
         detected = [json.loads(labels[index]) for index in indices]
-        for index, label in zip(indices, caption_labels(self.vlm, images, detected, self.batch_size), strict=True):
-            labels[index] = json.dumps(label)
-        return {"image": batch["image"], "error": batch["error"], "labels": labels}
+
+        def caption(pairs):
+            return caption_labels(self.vlm, [image for image, _ in pairs], [d for _, d in pairs], self.batch_size)
+
+        _fill(batch["image"], indices, labeled(caption, list(zip(images, detected, strict=True))), labels, errors)
+        return {"image": batch["image"], "error": errors, "labels": labels}
+
+
+def _fill(paths, indices: list[int], results: list, labels: np.ndarray, errors: np.ndarray) -> None:
+    """Each labelled row's label, or, for a photo the model refused, its reason as the row's error (as the local
+    engine writes it)."""
+    for index, result in zip(indices, results, strict=True):
+        if isinstance(result, str):
+            errors[index] = f"{paths[index]}: {result}"
+        else:
+            labels[index] = json.dumps(result)
 
 
 def run_ray_job(
