@@ -175,6 +175,20 @@ class Backend:
         self._handles.clear()
 
     @functools.cached_property
+    def chat_template(self) -> str | None:
+        """The processor's chat template, else the tokenizer's (older folders keep it in tokenizer_config.json)."""
+        return getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+
+    def image_chat_prompt(self, words: str) -> str:
+        """One user turn holding the image, then `words`, through the chat template, up to the assistant's answer."""
+        if not self.chat_template:
+            raise MyVLMError(f"the {self.family} model folder has no chat template; save its processor with one")
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
+        return self.processor.apply_chat_template(
+            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=False
+        )
+
+    @functools.cached_property
     def _special_tokens(self) -> list[str]:
         added = {token.content for token in self.tokenizer.added_tokens_decoder.values() if token.special}
         return sorted(token for token in added | set(self.tokenizer.all_special_tokens) if token)

@@ -33,7 +33,6 @@ from transformers import (
 
 from myvlm.backends.base import CAPTION, VQA, instruction
 from myvlm.backends.sequence import SequenceBackend
-from myvlm.errors import MyVLMError
 
 
 class PrefixBlockBackend(SequenceBackend):
@@ -120,13 +119,7 @@ class Gemma3Backend(PrefixBlockBackend):
         return {"token_type_ids": [int(token == self.image_token_id) for token in ids]}
 
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
-        template = self.processor.chat_template or self.tokenizer.chat_template
-        if not template:
-            raise MyVLMError(f"the {self.family} model folder has no chat template; save its processor with one")
-        content = [{"type": "image"}, {"type": "text", "text": instruction(task, identifiers, question)}]
-        return self.processor.apply_chat_template(
-            [{"role": "user", "content": content}], chat_template=template, add_generation_prompt=True, tokenize=False
-        )
+        return self.image_chat_prompt(instruction(task, identifiers, question))
 
     @property
     def answer_end_id(self) -> int:

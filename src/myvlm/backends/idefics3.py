@@ -77,12 +77,7 @@ class Idefics3Backend(SequenceBackend):
         return self.vision_tower(pixel_values=pixels).last_hidden_state
 
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
-        words = instruction(task, identifiers, question)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
-        owner = self.processor if self.processor.chat_template else self.tokenizer
-        if not owner.chat_template:
-            raise MyVLMError(f"the {self.family} model's processor has no chat template")
-        return owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.image_chat_prompt(instruction(task, identifiers, question))
 
     @property
     def answer_end_id(self) -> int:

@@ -55,14 +55,14 @@ class LlavaNextBackend(SequenceBackend):
 
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
         words = instruction(task, identifiers, question)
-        if not self._template:
+        if not self.chat_template:
             return f"USER: <image>\n{words} ASSISTANT:"
         return self._chat([self._message("user", words, image=True)], add_generation_prompt=True)
 
     @cached_property
     def answer_end_id(self) -> int:
         """The chat template's end of an assistant turn: the first special token it writes after the answer."""
-        if not self._template:
+        if not self.chat_template:
             return self.tokenizer.eos_token_id
         user = self._message("user", "a")
         prompt = self._chat([user], add_generation_prompt=True)
@@ -82,14 +82,9 @@ class LlavaNextBackend(SequenceBackend):
             return {"role": role, "content": f"{self.processor.image_token}\n{text}" if image else text}
         return {"role": role, "content": [{"type": "image"}] * image + [{"type": "text", "text": text}]}
 
-    @cached_property
-    def _template(self) -> str | None:
-        """The processor's chat template, else the tokenizer's (older folders keep it in tokenizer_config.json)."""
-        return self.processor.chat_template or self.tokenizer.chat_template
-
     def _chat(self, conversation: list[dict], add_generation_prompt: bool = False) -> str:
         return self.processor.apply_chat_template(
-            conversation, chat_template=self._template, add_generation_prompt=add_generation_prompt, tokenize=False
+            conversation, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
         )
 
 

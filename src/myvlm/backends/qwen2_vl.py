@@ -31,7 +31,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from myvlm.backends.base import CAPTION, VQA, Batch, instruction
 from myvlm.backends.sequence import SequenceBackend
-from myvlm.errors import MyVLMError, UnusableImage
+from myvlm.errors import UnusableImage
 
 END_OF_TURN = "<|im_end|>"
 
@@ -102,18 +102,8 @@ class Qwen2VLBackend(SequenceBackend):
     def prompt(self, task: str, identifiers: Sequence[str] = (), question: str | None = None) -> str:
         key = (task, tuple(identifiers), question)
         if key not in self._prompts:
-            self._prompts[key] = self._chat_prompt(task, identifiers, question)
+            self._prompts[key] = self.image_chat_prompt(instruction(task, identifiers, question))
         return self._prompts[key]
-
-    def _chat_prompt(self, task: str, identifiers: Sequence[str], question: str | None) -> str:
-        words = instruction(task, identifiers, question)
-        template = self.processor.chat_template or self.tokenizer.chat_template
-        if not template:
-            raise MyVLMError(f"the {self.family} model folder has no chat template; save its processor with one")
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": words}]}]
-        return self.processor.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
 
     @contextlib.contextmanager
     def refusals(self, sizes: Sequence[tuple[int, int]]) -> Iterator[None]:
